@@ -1,0 +1,168 @@
+"""The public compressor API: what a plugin subclasses and what `ltmpctl.apply` does with it.
+
+A compressor patches a live timm `VisionTransformer` by swapping classes (as ToMe does), never copying timm's
+forward bodies: the model class gets a `forward_features` that threads token sizes and masks through the blocks,
+and each timm `Block` becomes a `TokenBlock` that calls the block's own `norm1`, `attn` submodules, `ls1`,
+`drop_path1`, then the compressor's `reduce`, then `norm2`, `mlp`, `ls2`, `drop_path2`.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor
+
+from .errors import ConfigError, ModelError
+from .tokens import AttentionOut, attention
+
+
+class Params(BaseModel):
+    """Base of every compressor's parameter model: typed, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenBlock(Block):
+    """A timm `Block` that reduces tokens between attention and MLP. Compressors subclass it and define `reduce`.
+
+    Per-block settings are plain attributes (or parameters) set by the compressor's `configure_block`.
+    """
+
+    importance_mode: Optional[str] = None  # None, "mean" or "cls": which importance `reduce` needs
+    need_metric: ClassVar[bool] = False
+    num_prefix: int = 1
+    prop_attn: bool = True
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, size: Tensor, mask: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        a = attention(self.attn, self.norm1(x), size, mask, self.num_prefix,
+                      self.importance_mode, self.need_metric, self.prop_attn)
+        x = x + self.drop_path1(self.ls1(a.out))
+        x, size, mask = self.reduce(x, size, mask, a)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, size, mask
+
+    def reduce(
+        self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        return x, size, mask
+
+
+def _alive_count(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Tokens per image (B,): the hard mask's sum, or the sequence length when nothing is masked."""
+    if mask is None:
+        return torch.full((x.shape[0],), float(x.shape[1]), device=x.device)
+    return mask.detach().float().sum(dim=1)
+
+
+class CompressedViT:
+    """Mixin put in front of the model's own class: threads (size, mask) through the TokenBlocks.
+
+    Everything else (patch embedding, position embedding, norms, head, distilled head) is the model's own.
+    """
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ModelError("attention masks are not supported on a token-reduced model")
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        size = x.new_ones(x.shape[0], x.shape[1], 1)  # (B, N, 1): every token is one patch
+        mask: Optional[Tensor] = None
+        counts = []
+        masks = []
+        for blk in self.blocks:
+            n_in = _alive_count(x, mask)
+            x, size, mask = blk(x, size, mask)
+            counts.append(torch.stack([n_in, _alive_count(x, mask)], dim=-1))
+            masks.append(mask)
+        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            # Diagnostics of the last forward: read by token_counts() and by LTMP's FLOPs loss.
+            self.ltmpctl_counts = torch.stack(counts, dim=1)  # (B, depth, 2)
+            self.ltmpctl_masks = masks
+        return self.norm(x)
+
+
+class Compressor:
+    """Base class of a compressor plugin.
+
+    Subclasses set `name`, `Params` (a `Params` subclass), `block_class` (a `TokenBlock` subclass) and implement
+    `configure_block(block, index, depth, params)`. `learnable` compressors expose trainable parameters on the
+    patched blocks and a `loss` used by the fine-tune stage.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[Params]] = Params
+    block_class: ClassVar[type[TokenBlock]] = TokenBlock
+    learnable: ClassVar[bool] = False
+    data_dependent: ClassVar[bool] = False  # token counts differ per image
+
+    @classmethod
+    def parse_params(cls, params: dict[str, Any]) -> Params:
+        try:
+            return cls.Params(**params)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "params"
+            raise ConfigError(f"{cls.name}: {where}: {err['msg']}",
+                              f"`ltmpctl plugins` lists {cls.name}'s parameters") from None
+
+    @classmethod
+    def identity_params(cls) -> dict[str, Any]:
+        """Parameters that reduce nothing (the golden identity check)."""
+        raise NotImplementedError
+
+    def configure_block(self, block: TokenBlock, index: int, depth: int, params: Params) -> None:
+        raise NotImplementedError
+
+    def apply(self, model: VisionTransformer, params: Params) -> VisionTransformer:
+        check_supported(model)
+        done = getattr(model, "ltmpctl_compressor", None)
+        if done not in (None, self.name):
+            raise ModelError(f"model is already compressed with {done}", "start from the uncompressed model")
+        depth = len(model.blocks)
+        if not isinstance(model, CompressedViT):
+            model.__class__ = type(f"Compressed{type(model).__name__}", (CompressedViT, type(model)), {})
+        for i, blk in enumerate(model.blocks):
+            blk.__class__ = self.block_class
+            blk.num_prefix = model.num_prefix_tokens
+            self.configure_block(blk, i, depth, params)
+        model.ltmpctl_compressor = self.name
+        model.ltmpctl_params = params.model_dump()
+        return model
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Refuse models the token-reducing forward can't serve, with the reason."""
+    if not isinstance(model, VisionTransformer):
+        raise ModelError(f"{type(model).__name__} is not a timm VisionTransformer",
+                         "ltmpctl compresses ViT/DeiT models; `ltmpctl models` lists them")
+    if not getattr(model, "has_class_token", model.cls_token is not None) or model.global_pool != "token":
+        raise ModelError(f"model pools with {model.global_pool!r}, not a class token",
+                         "token reduction needs a class-token ViT (e.g. deit_*, vit_*_patch16_224)")
+    for blk in model.blocks:
+        if not isinstance(blk, Block):
+            raise ModelError(f"block type {type(blk).__name__} is not timm's Block",
+                             "only standard timm ViT blocks are supported")
+
+
+def per_block(value: Any, depth: int, what: str) -> list:
+    """Broadcast a scalar to every block, or check a per-block list has one entry per block."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != depth:
+            raise ConfigError(f"{what} has {len(value)} entries but the model has {depth} blocks",
+                              f"give one value or exactly {depth}")
+        return list(value)
+    return [value] * depth
+
+
+def token_counts(model: torch.nn.Module) -> Tensor:
+    """Per image and block, (tokens into attention, tokens into MLP) of the last forward: (B, depth, 2)."""
+    counts = getattr(model, "ltmpctl_counts", None)
+    if counts is None:
+        raise ModelError("no token counts recorded", "apply a compressor and run a forward pass first")
+    return counts

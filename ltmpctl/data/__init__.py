@@ -1,0 +1,1 @@
+"""Data sets: the offline Fashion-MNIST demo and ImageFolder trees."""

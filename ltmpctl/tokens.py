@@ -1,0 +1,169 @@
+"""Shared token operations: attention with token sizes and masks, importance, bipartite matching, merging, compaction.
+
+Pure functions on tensors; every compressor builds on these. Notation: x (B, N, C) tokens with P prefix tokens
+(class, distillation, register) in front, size (B, N, 1) = how many original patches each token stands for.
+
+Masks come in two kinds:
+- float (B, N) in train mode (LTMP): tokens stay in the tensor, mask 0 means "gone"; the mask carries gradients.
+- bool (B, N) in eval mode: True = a real token, False = padding. Used when images of one batch keep different
+  numbers of tokens: each image's tokens are compacted to the front and the rest padded, and padding is excluded
+  from every reduction (softmax keys, importance rows, matching), so a batch gives the same answer per image as
+  batch 1.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Reference LTMP adds this to the masked softmax in training, for numerical stability.
+TRAIN_SOFTMAX_EPS = 1e-5
+
+
+class AttentionOut(NamedTuple):
+    out: Tensor  # (B, N, C) attention branch output (before LayerScale / drop path)
+    importance: Optional[Tensor]  # (B, N) mean attention received; +inf on prefix tokens
+    metric: Optional[Tensor]  # (B, N, head_dim) keys averaged over heads (ToMe's similarity metric)
+
+
+def attention(
+    attn: torch.nn.Module,
+    x: Tensor,
+    size: Tensor,
+    mask: Optional[Tensor],
+    num_prefix: int,
+    importance: Optional[str],
+    need_metric: bool,
+    prop_attn: bool = True,
+) -> AttentionOut:
+    """timm `Attention` with proportional attention, token masks and the statistics token reduction needs.
+
+    Reuses the module's own qkv / q_norm / k_norm / attn_drop / norm / gate / proj / proj_drop; only the
+    softmax changes (a `log(size)` bias on keys and the mask), so with size 1 and no mask it is timm's attention.
+    `importance`: None (not needed), "mean" (attention received from all queries) or "cls" (from the class token).
+    """
+    B, N, _ = x.shape
+    h, hd = attn.num_heads, attn.head_dim
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B, h, N, hd) each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = size[:, None, None, :, 0].log() if prop_attn else None  # (B, 1, 1, N)
+
+    imp = None
+    if importance is None and mask is None and attn.fused_attn:
+        # Fast path (tome, topk, identity): the fused kernel, nothing but the output needed.
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
+    else:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, h, N, N); q scaled first, as timm does
+        if bias is not None:
+            logits = logits + bias
+        if mask is None:
+            probs = logits.softmax(dim=-1)
+        elif mask.dtype == torch.bool:
+            probs = logits.masked_fill(~mask[:, None, None, :], -math.inf).softmax(dim=-1)
+        else:
+            probs = masked_softmax(logits, mask, attn.training)
+        if importance == "cls":
+            imp = prefix_inf(probs[:, :, 0, :].mean(1), num_prefix)
+        elif importance is not None:
+            imp = received_attention(probs, mask, num_prefix)
+        o = attn.attn_drop(probs) @ v
+    o = o.transpose(1, 2).reshape(B, N, attn.attn_dim)
+    o = attn.norm(o)
+    if gate is not None:
+        o = o * gate
+    o = attn.proj_drop(attn.proj(o))
+    metric = k.mean(1) if need_metric else None
+    return AttentionOut(o, imp, metric)
+
+
+def masked_softmax(logits: Tensor, mask: Tensor, training: bool) -> Tensor:
+    """Softmax over alive keys with a float (differentiable) mask, as LTMP trains: exp(a - max) * m / sum."""
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp() * mask[:, None, None, :]
+    if training:
+        n = logits.shape[-1]
+        return (e + TRAIN_SOFTMAX_EPS / n) / (e.sum(dim=-1, keepdim=True) + TRAIN_SOFTMAX_EPS)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def received_attention(probs: Tensor, mask: Optional[Tensor], num_prefix: int) -> Tensor:
+    """Importance of each token: attention it receives, averaged over heads and query rows; prefix tokens +inf.
+
+    Padding rows (bool mask) are left out of the average, so each image gets what batch 1 would give. A float
+    (train) mask keeps every row, as the reference LTMP does in training.
+    """
+    if mask is not None and mask.dtype == torch.bool:
+        rows = mask.to(probs.dtype)  # (B, N)
+        imp = (probs.sum(1) * rows[:, :, None]).sum(1) / (rows.sum(1, keepdim=True) * probs.shape[1])
+    else:
+        imp = probs.mean(dim=(1, 2))
+    return prefix_inf(imp, num_prefix)
+
+
+def prefix_inf(imp: Tensor, num_prefix: int) -> Tensor:
+    """Give prefix tokens infinite importance: they are never pruned."""
+    return torch.cat([torch.full_like(imp[:, :num_prefix], math.inf), imp[:, num_prefix:]], dim=1)
+
+
+def bipartite_indices(n: int, num_prefix: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Positions of set A (even absolute positions) and B (odd) among the non-prefix tokens, as ToMe splits.
+
+    With one class token this is exactly ToMe's `x[::2]` / `x[1::2]` split with the class row excluded.
+    """
+    pos = torch.arange(num_prefix, n, device=device)
+    return pos[pos % 2 == 0], pos[pos % 2 == 1]
+
+
+def match(metric: Tensor, a_idx: Tensor, b_idx: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Each A token's most similar B token by cosine similarity of `metric`: (node_max, node_idx), (B, NA) each.
+
+    Padding (bool mask) can neither match nor be matched (-inf). A float train mask zeroes dead tokens' metric,
+    as the reference does, so their similarity is 0.
+    """
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    if mask is not None and mask.dtype != torch.bool:
+        metric = metric * mask[..., None].detach()
+    scores = metric[:, a_idx] @ metric[:, b_idx].transpose(-1, -2)  # (B, NA, NB)
+    if mask is not None and mask.dtype == torch.bool:
+        valid = mask[:, a_idx, None] & mask[:, None, b_idx]
+        scores = scores.masked_fill(~valid, -math.inf)
+    return scores.max(dim=-1)
+
+
+def scatter_merge(dst: Tensor, node_idx: Tensor, src: Tensor, reduce: str = "sum") -> Tensor:
+    """dst[b, node_idx[b, i]] (reduce)= src[b, i]; dst (B, NB, *), node_idx (B, NA), src (B, NA, *)."""
+    idx = node_idx.reshape(node_idx.shape + (1,) * (src.dim() - 2)).expand(src.shape)
+    return dst.scatter_reduce(1, idx, src, reduce=reduce)
+
+
+def threshold_mask(values: Tensor, threshold: Tensor, tau: float) -> Tensor:
+    """LTMP's learned-threshold mask: forward is hard (values > threshold), gradient is the sigmoid's (STE)."""
+    soft = torch.sigmoid((values - threshold) / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+def compact(keep: Tensor, *tensors: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Move each image's kept tokens to the front (order preserved) and cut the padding all images share.
+
+    keep (B, N) bool. Returns the new padding mask (B, N') and the gathered tensors (B, N', *). N' is the
+    largest count in the batch; at batch 1 nothing is padded and this is plain boolean indexing.
+    """
+    B, N = keep.shape
+    counts = keep.sum(dim=1)  # (B,)
+    n_out = int(counts.max())
+    # Unique sort keys (kept first, then position) make any sort order-preserving: no stable-sort needed.
+    pos = torch.arange(N, device=keep.device)
+    order = torch.argsort((~keep).to(torch.int64) * N + pos, dim=1)[:, :n_out]  # (B, N')
+    out = []
+    for t in tensors:
+        idx = order.reshape(order.shape + (1,) * (t.dim() - 2)).expand((B, n_out) + t.shape[2:])
+        out.append(t.gather(1, idx))
+    alive = pos[:n_out][None, :] < counts[:, None]
+    return alive, out

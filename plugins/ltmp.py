@@ -1,0 +1,159 @@
+"""ltmp: Learned Thresholds token Merging and Pruning (Bonnaerens & Dambre, TMLR 2023), as Mxbonn/ltmp does it.
+
+Per block: attention (proportional) -> residual -> merge, then prune -> MLP, with two learned scalars per block.
+- merge: A tokens (alternate positions, ToMe's split) whose best cosine similarity to a B token exceeds
+  `merge_threshold` are merged into it (size-weighted); the destination's importance becomes the max of its sources.
+- prune: tokens whose importance (attention received, mean over heads and queries) is below `prune_threshold`
+  are dropped.
+
+Train mode keeps every token in the tensor with a differentiable mask (straight-through sigmoid of
+(value - threshold) / tau); attention is renormalised over alive keys. Eval mode really removes tokens.
+
+Batched eval: images keep different numbers of tokens, so after each block each image's kept tokens are moved to
+the front (order preserved) and the batch is padded to its largest count; a boolean key mask keeps padding out of
+softmax, importance and matching (`ltmpctl.tokens`). Each image therefore gets exactly what batch 1 gives, and
+compute shrinks with the batch's largest count.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor
+
+from ltmpctl.compressor import Compressor, Params, TokenBlock, per_block
+from ltmpctl.flops import base_macs, model_macs, vit_shape
+from ltmpctl.tokens import AttentionOut, bipartite_indices, compact, match, scatter_merge, threshold_mask
+
+Thresholds = Union[float, list[float]]
+
+
+def _in_unit(v: object) -> object:
+    vals = v if isinstance(v, list) else [v]
+    if any(not (0.0 <= float(x) <= 1.0) for x in vals):
+        raise ValueError("thresholds must be in [0, 1]")
+    return v
+
+
+class LTMPParams(Params):
+    merge_threshold: Thresholds = Field(0.9, description="cosine similarity above which tokens merge, per block")
+    prune_threshold: Thresholds = Field(0.0, description="importance below which tokens are pruned, per block")
+    tau: float = Field(0.1, gt=0.0, description="temperature of the straight-through threshold masks")
+
+    _check_merge = field_validator("merge_threshold")(_in_unit)
+    _check_prune = field_validator("prune_threshold")(_in_unit)
+
+
+class LTMPBlock(TokenBlock):
+    importance_mode = "mean"
+    need_metric = True
+    tau: float = 0.1
+
+    def reduce(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
+        if self.training:
+            return self._reduce_train(x, size, mask, a)
+        return self._reduce_eval(x, size, mask, a)
+
+    def _reduce_train(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
+        P = self.num_prefix
+        B, N, _ = x.shape
+        if mask is None:
+            mask = x.new_ones(B, N)
+        a_idx, b_idx = bipartite_indices(N, P, x.device)
+        node_max, node_idx = match(a.metric, a_idx, b_idx, mask)
+        merge = threshold_mask(node_max, self.merge_threshold, self.tau)  # (B, NA), STE
+        src_m = mask[:, a_idx]
+        unm = torch.where(src_m.bool(), 1.0 - merge, src_m)  # dead tokens stay dead
+        # Features are merged with the detached mask: the merge threshold learns through the mask's effect
+        # on later attention and on the FLOPs term, as in the reference.
+        w = merge.detach()
+        xs = x * size
+        dst_x = scatter_merge(xs[:, b_idx], node_idx, xs[:, a_idx] * w[..., None])
+        dst_s = scatter_merge(size[:, b_idx], node_idx, size[:, a_idx] * w[..., None])
+        imp = a.importance
+        dst_imp = scatter_merge(imp[:, b_idx], node_idx, imp[:, a_idx] * w, reduce="amax")
+        size = torch.cat([size[:, :P], size[:, a_idx], dst_s], dim=1)
+        x = torch.cat([xs[:, :P], xs[:, a_idx], dst_x], dim=1) / size
+        mask = torch.cat([mask[:, :P], unm, mask[:, b_idx]], dim=1)
+        imp = torch.cat([imp[:, :P], imp[:, a_idx], dst_imp], dim=1)
+        prune = threshold_mask(imp, self.prune_threshold, self.tau)
+        mask = torch.where(mask.bool(), prune, mask)
+        return x, size, mask
+
+    def _reduce_eval(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
+        P = self.num_prefix
+        B, N, _ = x.shape
+        if mask is None:
+            mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
+        a_idx, b_idx = bipartite_indices(N, P, x.device)
+        node_max, node_idx = match(a.metric, a_idx, b_idx, mask)  # padding never matches
+        merge = node_max > self.merge_threshold  # (B, NA)
+        w = merge.to(x.dtype)[..., None]
+        xs = x * size
+        dst_x = scatter_merge(xs[:, b_idx], node_idx, xs[:, a_idx] * w)
+        dst_s = scatter_merge(size[:, b_idx], node_idx, size[:, a_idx] * w)
+        imp = a.importance
+        src_imp = imp[:, a_idx].masked_fill(~merge, -math.inf)
+        dst_imp = scatter_merge(imp[:, b_idx], node_idx, src_imp, reduce="amax")
+        # Candidates in the reference's order: prefix, unmerged A, B (merged into).
+        cand_imp = torch.cat([imp[:, :P], imp[:, a_idx], dst_imp], dim=1)
+        alive = torch.cat([mask[:, :P], mask[:, a_idx] & ~merge, mask[:, b_idx]], dim=1)
+        keep = alive & (cand_imp > self.prune_threshold)
+        mask, (xs, size) = compact(
+            keep,
+            torch.cat([xs[:, :P], xs[:, a_idx], dst_x], dim=1),
+            torch.cat([size[:, :P], size[:, a_idx], dst_s], dim=1),
+        )
+        return xs / size, size, mask
+
+
+class LTMP(Compressor):
+    name = "ltmp"
+    Params = LTMPParams
+    block_class = LTMPBlock
+    learnable = True
+    data_dependent = True
+
+    @classmethod
+    def identity_params(cls) -> dict:
+        return {"merge_threshold": 1.0, "prune_threshold": 0.0}
+
+    def configure_block(self, block: TokenBlock, index: int, depth: int, params: LTMPParams) -> None:
+        merge = per_block(params.merge_threshold, depth, "ltmp merge_threshold")[index]
+        prune = per_block(params.prune_threshold, depth, "ltmp prune_threshold")[index]
+        dev = block.norm1.weight.device
+        block.merge_threshold = torch.nn.Parameter(torch.tensor(float(merge), device=dev))
+        block.prune_threshold = torch.nn.Parameter(torch.tensor(float(prune), device=dev))
+        block.tau = params.tau
+
+    @staticmethod
+    def thresholds(model: torch.nn.Module) -> dict[str, list[float]]:
+        return {
+            "merge_threshold": [float(b.merge_threshold) for b in model.blocks],
+            "prune_threshold": [float(b.prune_threshold) for b in model.blocks],
+        }
+
+    @staticmethod
+    def clamp_(model: torch.nn.Module) -> None:
+        """Keep thresholds in [0, 1] (call after every optimiser step)."""
+        with torch.no_grad():
+            for b in model.blocks:
+                b.merge_threshold.clamp_(0.0, 1.0)
+                b.prune_threshold.clamp_(0.0, 1.0)
+
+    @staticmethod
+    def flops_ratio(model: torch.nn.Module) -> Tensor:
+        """Kept fraction of the model's MACs from the last train-mode forward's batch-mean masks (differentiable)."""
+        s = vit_shape(model)
+        kept = [m.mean() * s.tokens for m in model.ltmpctl_masks]  # tokens after each block
+        n_attn = [torch.as_tensor(float(s.tokens))] + kept[:-1]
+        return model_macs(s, n_attn, kept, merging=True) / base_macs(s)
+
+    @classmethod
+    def loss(cls, model: torch.nn.Module, task_loss: Tensor, target: float, lam: float = 10.0
+             ) -> tuple[Tensor, Tensor]:
+        """task loss + lam * (flops_ratio - target)^2; returns (total, ratio)."""
+        ratio = cls.flops_ratio(model)
+        return task_loss + lam * (ratio - target) ** 2, ratio

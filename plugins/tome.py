@@ -1,0 +1,85 @@
+"""tome: Token Merging (Bolya et al., ICLR 2023), as facebookresearch/ToMe does it on timm.
+
+Per block after attention: bipartite soft matching between alternating token sets A and B on the head-mean keys,
+the r A-tokens with the most similar B partner merged into it (size-weighted average), proportional attention.
+Unlike ToMe's own timm patch, LayerScale is kept, and every prefix token (distillation, registers) stays in front
+instead of only the class token.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor
+
+from ltmpctl.compressor import Compressor, Params, TokenBlock, per_block
+from ltmpctl.tokens import AttentionOut, bipartite_indices, match, scatter_merge
+
+
+def parse_r(depth: int, r: int, inflect: float) -> list[int]:
+    """ToMe's (r, inflect) schedule: linear from r*(1-inflect) to r*(1+inflect); inflect 0 = constant r."""
+    lo = int(r * (1.0 - inflect))
+    hi = 2 * r - lo
+    step = (hi - lo) / max(1, depth - 1)
+    return [int(lo + step * i) for i in range(depth)]
+
+
+class ToMeParams(Params):
+    r: Union[int, list[int]] = Field(8, description="tokens merged per block: int or one per block")
+    inflect: float = Field(0.0, ge=-1.0, le=1.0, description="ToMe schedule: -1 decreasing, 0 constant, +1 rising")
+    prop_attn: bool = Field(True, description="proportional attention (log size bias on keys)")
+
+    @field_validator("r", mode="before")
+    @classmethod
+    def _nonneg(cls, v: object) -> object:
+        vals = v if isinstance(v, (list, tuple)) else [v]
+        if any(isinstance(x, int) and x < 0 for x in vals):
+            raise ValueError("r must be >= 0")
+        return v
+
+
+class ToMeBlock(TokenBlock):
+    need_metric = True
+    r: int = 0
+
+    def reduce(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
+        P = self.num_prefix
+        B, N, C = x.shape
+        r = min(self.r, (N - P) // 2)
+        if r <= 0:
+            return x, size, mask
+        a_idx, b_idx = bipartite_indices(N, P, x.device)
+        node_max, node_idx = match(a.metric, a_idx, b_idx, None)  # (B, NA)
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+        src_idx = edge_idx[:, :r]  # the r most similar A tokens are merged
+        unm_idx = edge_idx[:, r:].sort(dim=-1).values  # the rest keep their order
+        dst_idx = node_idx.gather(1, src_idx)
+
+        xs = x * size
+        def pick(t: Tensor, idx: Tensor) -> Tensor:
+            return t.gather(1, idx[..., None].expand(idx.shape + t.shape[2:]))
+        src_x, src_s = pick(xs[:, a_idx], src_idx), pick(size[:, a_idx], src_idx)
+        dst_x = scatter_merge(xs[:, b_idx], dst_idx, src_x)
+        dst_s = scatter_merge(size[:, b_idx], dst_idx, src_s)
+        size = torch.cat([size[:, :P], pick(size[:, a_idx], unm_idx), dst_s], dim=1)
+        x = torch.cat([xs[:, :P], pick(xs[:, a_idx], unm_idx), dst_x], dim=1) / size
+        return x, size, mask
+
+
+class ToMe(Compressor):
+    name = "tome"
+    Params = ToMeParams
+    block_class = ToMeBlock
+
+    @classmethod
+    def identity_params(cls) -> dict:
+        return {"r": 0}
+
+    def configure_block(self, block: TokenBlock, index: int, depth: int, params: ToMeParams) -> None:
+        if isinstance(params.r, list):
+            schedule = per_block(params.r, depth, "tome r")
+        else:
+            schedule = parse_r(depth, params.r, params.inflect)
+        block.r = int(schedule[index])
+        block.prop_attn = params.prop_attn

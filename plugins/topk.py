@@ -1,0 +1,73 @@
+"""topk: fixed-rate pruning of the least important tokens per block (a DynamicViT/EViT-style baseline).
+
+Per block after attention: keep ceil(keep_rate * n) of the n non-prefix tokens with the highest importance (mean
+attention received, or the class token's attention as in EViT); with `fuse`, the pruned tokens are folded into one
+extra token, weighted by importance. Token counts depend only on the input length, so batching and export are plain.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional, Union
+
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor
+
+from ltmpctl.compressor import Compressor, Params, TokenBlock, per_block
+from ltmpctl.tokens import AttentionOut
+
+
+class TopKParams(Params):
+    keep_rate: Union[float, list[float]] = Field(0.7, description="fraction of non-prefix tokens kept per block")
+    importance: Literal["mean", "cls"] = Field("mean", description="mean attention received, or class attention")
+    fuse: bool = Field(False, description="fold pruned tokens into one token weighted by importance")
+
+    @field_validator("keep_rate")
+    @classmethod
+    def _range(cls, v: object) -> object:
+        vals = v if isinstance(v, list) else [v]
+        if any(not (0.0 < float(x) <= 1.0) for x in vals):
+            raise ValueError("keep_rate must be in (0, 1]")
+        return v
+
+
+class TopKBlock(TokenBlock):
+    importance_mode = "mean"
+    keep_rate: float = 1.0
+    fuse: bool = False
+
+    def reduce(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
+        P = self.num_prefix
+        B, N, C = x.shape
+        keep = math.ceil(self.keep_rate * (N - P))
+        if keep >= N - P:
+            return x, size, mask
+        imp = a.importance[:, P:]  # (B, N - P)
+        top = imp.topk(keep, dim=1).indices.sort(dim=1).values  # spatial order kept
+        gather = lambda t, i: t.gather(1, i[..., None].expand(i.shape + t.shape[2:]))  # noqa: E731
+        kept_x = gather(x[:, P:], top)
+        kept_s = gather(size[:, P:], top)
+        parts_x, parts_s = [x[:, :P], kept_x], [size[:, :P], kept_s]
+        if self.fuse:
+            dropped = torch.ones_like(imp, dtype=torch.bool).scatter(1, top, False)  # (B, N - P)
+            # A weighted *average* (EViT sums raw class attention), so the fused token keeps the feature scale;
+            # its size is the patches it stands for, which proportional attention then accounts for.
+            w = imp.masked_fill(~dropped, 0.0)[..., None]  # (B, N - P, 1)
+            parts_x.append((w * x[:, P:]).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-12))
+            parts_s.append((size[:, P:] * dropped[..., None]).sum(1, keepdim=True))
+        return torch.cat(parts_x, dim=1), torch.cat(parts_s, dim=1), mask
+
+
+class TopK(Compressor):
+    name = "topk"
+    Params = TopKParams
+    block_class = TopKBlock
+
+    @classmethod
+    def identity_params(cls) -> dict:
+        return {"keep_rate": 1.0}
+
+    def configure_block(self, block: TokenBlock, index: int, depth: int, params: TopKParams) -> None:
+        block.keep_rate = float(per_block(params.keep_rate, depth, "topk keep_rate")[index])
+        block.importance_mode = params.importance
+        block.fuse = params.fuse
