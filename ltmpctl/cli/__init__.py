@@ -1,4 +1,4 @@
-"""Command-line interface (thin: parses, calls the library, renders)."""
-from .app import main
+"""Command-line interface: thin Typer commands that call the library and render with rich."""
+from ._app import app, main
 
-__all__ = ["main"]
+__all__ = ["app", "main"]

@@ -1,0 +1,2 @@
+"""Imports every command module so their `@app.command()` decorators register."""
+from . import bench_cmd, core, export_cmd, recipe_cmd  # noqa: F401

@@ -1,0 +1,2 @@
+"""(being written)"""
+from ._app import app  # noqa: F401

@@ -1,0 +1,145 @@
+"""Model loading: short aliases, timm names, the offline demo model, checkpoints, and the ViT check."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .compressor import check_supported
+from .errors import ConfigError, ModelError
+
+ALIASES: dict[str, str] = {
+    "deit_tiny": "deit_tiny_patch16_224",
+    "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224",
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+}
+DEMO = "demo"
+# timm modules whose models are VisionTransformer subclasses built from standard Blocks.
+_VIT_MODULES = ("vision_transformer", "deit")
+OFFLINE_HINT = "pass --checkpoint FILE, or try the offline demo: `ltmpctl compress demo --target 0.5`"
+
+
+@dataclass
+class ModelSpec:
+    """What to build: a name (alias, timm name or `demo`) and how to get its weights."""
+
+    name: str
+    pretrained: bool = True
+    checkpoint: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_name(name: str) -> str:
+    """Alias -> timm name; `demo` stays `demo`; unknown names get an error with close matches."""
+    if name == DEMO:
+        return DEMO
+    full = ALIASES.get(name, name)
+    import timm
+
+    if not timm.is_model(full):
+        close = [m for m in list_vits() if name in m][:5]
+        hint = f"did you mean {', '.join(close)}?" if close else "`ltmpctl models` lists the supported ViTs"
+        raise ModelError(f"unknown model {name!r}", hint)
+    return full
+
+
+def list_vits(pattern: str | None = None) -> list[str]:
+    """timm ViT/DeiT model names (optionally filtered by a glob or substring)."""
+    import timm
+
+    names = sorted(set(timm.list_models(module=list(_VIT_MODULES))))
+    if pattern:
+        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        names = [n for n in names if fnmatch.fnmatch(n, glob)]
+    return names
+
+
+def parse_kwargs(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings -> dict, values parsed as YAML scalars/lists (never eval'd), like timm's train.py."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bad model kwarg {item!r}", "write key=value, e.g. img_size=32")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"bad value in model kwarg {item!r}", "use a number, string, bool or [list]") from None
+    return out
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a safetensors file or a torch checkpoint (loaded with weights_only=True)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"checkpoint {str(p)!r} not found", "check the --checkpoint path")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(p))
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"can't read checkpoint {str(p)!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                         "give a .safetensors file or a torch state dict") from None
+    for key in ("state_dict", "model", "state_dict_ema"):  # common wrappers (timm train.py, DeiT releases)
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict):
+        raise ModelError(f"checkpoint {str(p)!r} holds no state dict", "give a .safetensors file or a state dict")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def create(spec: ModelSpec) -> torch.nn.Module:
+    """Build the model in eval mode, load weights, and check it is a class-token timm ViT."""
+    import timm
+
+    name = resolve_name(spec.name)
+    kwargs = dict(spec.kwargs)
+    checkpoint = spec.checkpoint
+    pretrained = spec.pretrained and checkpoint is None
+    if name == DEMO:
+        from . import demo
+
+        name, pretrained = "vit_tiny_patch16_224", False
+        kwargs = {**demo.MODEL_KWARGS, **kwargs}
+        checkpoint = checkpoint or str(demo.CHECKPOINT)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"bad --model-kwargs for {name}: {e}", "use timm.create_model keyword names") from None
+    except Exception as e:  # offline hub download, missing weights, ...
+        if pretrained:
+            raise ModelError(f"pretrained weights for {name} could not be downloaded ({type(e).__name__})",
+                             OFFLINE_HINT) from None
+        raise ModelError(f"timm could not build {name}: {type(e).__name__}: {e}", "check --model-kwargs") from None
+    check_supported(model)
+    if checkpoint is not None:
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(checkpoint).items()}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ModelError(f"checkpoint does not fit {name}: {len(missing)} missing keys (e.g. "
+                             f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})",
+                             "pass the --model-kwargs the checkpoint was trained with")
+    return model.eval()
+
+
+def data_config(model: torch.nn.Module, spec: ModelSpec) -> dict[str, Any]:
+    """timm's data config of the model (resolution, mean/std, interpolation, crop); the demo's own for `demo`."""
+    if spec.name == DEMO:
+        from . import demo
+
+        return dict(demo.DATA_CONFIG)
+    import timm.data
+
+    return timm.data.resolve_data_config({}, model=model)
