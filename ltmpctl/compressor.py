@@ -32,12 +32,16 @@ class TokenBlock(Block):
 
     importance_mode: Optional[str] = None  # None, "mean" or "cls": which importance `reduce` needs
     need_metric: ClassVar[bool] = False
+    # Train with a float token mask from the first block on (LTMP: its masked softmax then applies everywhere).
+    train_mask: ClassVar[bool] = False
     num_prefix: int = 1
     prop_attn: bool = True
 
     def forward(  # type: ignore[override]
         self, x: Tensor, size: Tensor, mask: Optional[Tensor]
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        if mask is None and self.train_mask and self.training:
+            mask = x.new_ones(x.shape[:2])
         a = attention(self.attn, self.norm1(x), size, mask, self.num_prefix,
                       self.importance_mode, self.need_metric, self.prop_attn)
         x = x + self.drop_path1(self.ls1(a.out))

@@ -60,7 +60,9 @@ def attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
     else:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, h, N, N); q scaled first, as timm does
+        # (B, h, N, N). Scaled after the product as the LTMP/ToMe references do (timm scales q first): thresholds
+        # on importance are compared with values this rounding decides.
+        logits = (q @ k.transpose(-2, -1)) * attn.scale
         if bias is not None:
             logits = logits + bias
         if mask is None:
@@ -117,7 +119,10 @@ def bipartite_indices(n: int, num_prefix: int, device: torch.device) -> tuple[Te
     With one class token this is exactly ToMe's `x[::2]` / `x[1::2]` split with the class row excluded.
     """
     pos = torch.arange(num_prefix, n, device=device)
-    return pos[pos % 2 == 0], pos[pos % 2 == 1]
+    # Strided slices, not boolean masks: their sizes follow from n, so torch.export sees static (or symbolic)
+    # sizes instead of data-dependent ones it can't reason about.
+    first_even = num_prefix % 2  # pos[0] = num_prefix
+    return pos[first_even::2], pos[1 - first_even::2]
 
 
 def match(metric: Tensor, a_idx: Tensor, b_idx: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -133,7 +138,11 @@ def match(metric: Tensor, a_idx: Tensor, b_idx: Tensor, mask: Optional[Tensor]) 
     if mask is not None and mask.dtype == torch.bool:
         valid = mask[:, a_idx, None] & mask[:, None, b_idx]
         scores = scores.masked_fill(~valid, -math.inf)
-    return scores.max(dim=-1)
+    # An extra -inf column keeps the max defined when no B token is left (a single non-prefix token), without a
+    # Python branch on a data-dependent size: export can't guard on one and tracing would bake it. A row with no
+    # valid partner gets -inf (never merged); the clamp keeps its index in range for the scatter that follows.
+    node_max, node_idx = F.pad(scores, (0, 1), value=-math.inf).max(dim=-1)
+    return node_max, node_idx.clamp_max(b_idx.shape[0] - 1)
 
 
 def scatter_merge(dst: Tensor, node_idx: Tensor, src: Tensor, reduce: str = "sum") -> Tensor:
@@ -146,7 +155,9 @@ def threshold_mask(values: Tensor, threshold: Tensor, tau: float) -> Tensor:
     """LTMP's learned-threshold mask: forward is hard (values > threshold), gradient is the sigmoid's (STE)."""
     soft = torch.sigmoid((values - threshold) / tau)
     hard = (soft > 0.5).to(soft.dtype)
-    return hard + soft - soft.detach()
+    # This order makes the forward value exactly 0 or 1: hard = 1 only when soft > 0.5, where 1 - soft is exact
+    # (Sterbenz). `hard + soft - soft.detach()` can give 1 - ulp, and then "merged" tokens (1 - mask != 0) revive.
+    return soft + (hard - soft).detach()
 
 
 def compact(keep: Tensor, *tensors: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -155,15 +166,19 @@ def compact(keep: Tensor, *tensors: Tensor) -> tuple[Tensor, list[Tensor]]:
     keep (B, N) bool. Returns the new padding mask (B, N') and the gathered tensors (B, N', *). N' is the
     largest count in the batch; at batch 1 nothing is padded and this is plain boolean indexing.
     """
-    B, N = keep.shape
+    N = keep.shape[1]
     counts = keep.sum(dim=1)  # (B,)
-    n_out = int(counts.max())
-    # Unique sort keys (kept first, then position) make any sort order-preserving: no stable-sort needed.
     pos = torch.arange(N, device=keep.device)
-    order = torch.argsort((~keep).to(torch.int64) * N + pos, dim=1)[:, :n_out]  # (B, N')
+    # N' stays a tensor shape (nonzero + index_select), never a Python int: torch.jit.trace and the legacy ONNX
+    # exporter would bake an int in as the example's count; this way exported graphs drop tokens per input.
+    cols = torch.nonzero(pos < counts.max()).squeeze(1)  # (N',) = 0 .. N'-1
+    if not torch.jit.is_tracing():
+        torch._check(cols.shape[0] > 0)  # prefix tokens are always kept; torch.export needs to know N' >= 1
+    # Unique sort keys (kept first, then position) make any sort order-preserving: no stable-sort needed.
+    order = torch.argsort((~keep).to(torch.int64) * N + pos, dim=1).index_select(1, cols)  # (B, N')
     out = []
     for t in tensors:
-        idx = order.reshape(order.shape + (1,) * (t.dim() - 2)).expand((B, n_out) + t.shape[2:])
+        idx = order.reshape(order.shape + (1,) * (t.dim() - 2)).expand((-1, -1) + t.shape[2:])
         out.append(t.gather(1, idx))
-    alive = pos[:n_out][None, :] < counts[:, None]
+    alive = pos.index_select(0, cols)[None, :] < counts[:, None]
     return alive, out

@@ -49,6 +49,7 @@ class LTMPParams(Params):
 class LTMPBlock(TokenBlock):
     importance_mode = "mean"
     need_metric = True
+    train_mask = True
     tau: float = 0.1
 
     def reduce(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
@@ -59,8 +60,7 @@ class LTMPBlock(TokenBlock):
     def _reduce_train(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
         P = self.num_prefix
         B, N, _ = x.shape
-        if mask is None:
-            mask = x.new_ones(B, N)
+        assert mask is not None  # train_mask: the block made one before attention
         a_idx, b_idx = bipartite_indices(N, P, x.device)
         node_max, node_idx = match(a.metric, a_idx, b_idx, mask)
         merge = threshold_mask(node_max, self.merge_threshold, self.tau)  # (B, NA), STE

@@ -1,2 +1,352 @@
-"""(being written)"""
-from ._app import app  # noqa: F401
+"""`ltmpctl devices` and `ltmpctl bench`: latency of base vs compressed models, here or on an Android phone."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import ConfigError
+from ._app import app, console, err_console
+
+FILE_SUFFIXES = (".onnx", ".pte", ".pt")
+RUN_MARKER = "resolved.yaml"
+DEFAULT_INPUT = (3, 224, 224)
+BACKENDS = ("torch", "onnxruntime")
+
+
+@app.command("devices")
+def devices_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """List the Android devices adb sees, with the names `--adb` accepts."""
+    from ..bench.adb import list_devices
+
+    found = list_devices()
+    if json_out:
+        typer.echo(json.dumps([asdict(d) for d in found], indent=2))
+        return
+    if not found:
+        err_console.print("no devices attached (plug the phone in with USB debugging on)")
+        return
+    table = Table("serial", "state", "model", "device", "product")
+    for d in found:
+        table.add_row(d.serial, d.state, d.model or "-", d.device or "-", d.product or "-")
+    console.print(table)
+
+
+@dataclass
+class _Opts:
+    """The timing settings every benchmark in one `ltmpctl bench` shares."""
+
+    batches: list[int]
+    warmup: int
+    repeats: int
+    threads: Optional[int]
+    device: str
+
+
+def _parse_kv(items: list[str], what: str) -> dict[str, Any]:
+    """`k=v` items -> dict; values are YAML scalars/lists (`r=13`, `keep_rate=[0.7, 0.5]`), never eval'd."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bad {what} {item!r}", "write key=value, e.g. r=13")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"bad value in {what} {item!r}", "use a number, string, bool or [list]") from None
+    return out
+
+
+def _parse_shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    if not re.fullmatch(r"\d+,\d+,\d+", text.replace(" ", "")):
+        raise ConfigError(f"bad --input-size {text!r}", "write C,H,W, e.g. 3,224,224")
+    return tuple(int(v) for v in text.replace(" ", "").split(","))
+
+
+def _classify(target: str) -> tuple[str, Any]:
+    """("run", dir) | ("file", path) | ("model", name)."""
+    p = Path(target)
+    if p.is_dir():
+        if not (p / RUN_MARKER).is_file():
+            raise ConfigError(f"{target!r} is a directory without {RUN_MARKER}",
+                              "give a run directory, an exported .onnx/.pte/.pt file or a model name")
+        return "run", p
+    if p.is_file():
+        if p.suffix.lower() not in FILE_SUFFIXES:
+            raise ConfigError(f"can't benchmark a {p.suffix or 'suffix-less'} file", "give a .onnx, .pte or .pt file")
+        return "file", p
+    if p.suffix.lower() in FILE_SUFFIXES or os.sep in target:
+        raise ConfigError(f"{target!r} not found", "check the path")
+    return "model", target
+
+
+def _progress(what: str) -> None:
+    err_console.print(f"[dim]benchmarking {what}[/]", highlight=False)
+
+
+def _bench_pair(base: Any, compressed: Optional[Any], input_size: tuple[int, ...], opts: _Opts,
+                flops_ratio: Optional[float], label: str) -> list[dict[str, Any]]:
+    """Base (and compressed) torch eager rows at each batch, the compressed rows compared with the base ones."""
+    from ..bench.local import bench_torch, compare_rows, flops_ratio as measure_flops_ratio, random_batch
+
+    rows = []
+    for batch in opts.batches:
+        _progress(f"base, batch {batch}")
+        b = {"model": "base", **bench_torch(base, input_size, batch, opts.warmup, opts.repeats, opts.device,
+                                            opts.threads)}
+        rows.append(b)
+        if compressed is None:
+            continue
+        _progress(f"{label}, batch {batch}")
+        c = {"model": label, **bench_torch(compressed, input_size, batch, opts.warmup, opts.repeats, opts.device,
+                                           opts.threads)}
+        ratio = flops_ratio
+        if ratio is None:  # measured on the very batch that was timed (token counts can depend on the input)
+            ratio = measure_flops_ratio(compressed, random_batch(input_size, batch))
+        rows.append(compare_rows(b, c, ratio))
+    return rows
+
+
+def _build_models(name: str, compressor: Optional[str], params: dict[str, Any], kwargs: dict[str, Any],
+                  checkpoint: Optional[Path], pretrained: bool) -> tuple[Any, Optional[Any], tuple[int, ...]]:
+    import ltmpctl
+    from ..models import ModelSpec, create, data_config
+
+    spec = ModelSpec(name, pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None, kwargs=kwargs)
+    base = create(spec)
+    input_size = _input_size(base, data_config(base, spec)["input_size"])
+    compressed = None
+    if compressor:
+        compressed = ltmpctl.apply(copy.deepcopy(base), compressor, **params)
+    return base, compressed, input_size
+
+
+def _input_size(model: Any, configured: Any) -> tuple[int, ...]:
+    """(C, H, W) the model takes: timm's data config describes the pretrained config, so an `img_size` passed to
+    create_model is read back off the patch embedding instead."""
+    size = tuple(int(v) for v in configured)
+    pe = getattr(model, "patch_embed", None)
+    img = getattr(pe, "img_size", None)
+    if img is not None and len(size) == 3:
+        return (int(pe.proj.in_channels), int(img[0]), int(img[1]))
+    return size
+
+
+def _load_run(run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    try:
+        from ..runs import load_run
+    except ImportError:
+        raise ConfigError("this ltmpctl can't load run directories yet (no ltmpctl.runs)",
+                          "bench the model by name with --compressor, or an exported file") from None
+    return load_run(run_dir)
+
+
+def _onnx_input_size(path: Path) -> tuple[int, ...]:
+    """(C, H, W) from the ONNX file's first input when its sizes are fixed, else the ImageNet default."""
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    chw = [d.dim_value for d in dims[1:]]
+    return tuple(chw) if len(chw) == 3 and all(chw) else DEFAULT_INPUT
+
+
+def _bench_file_local(path: Path, input_size: tuple[int, ...], opts: _Opts) -> list[dict[str, Any]]:
+    from ..bench.local import bench_onnx, bench_torch
+
+    suffix = path.suffix.lower()
+    if suffix == ".pte":
+        raise ConfigError(f"{path.name} is an ExecuTorch program; it runs on a device",
+                          "pass --adb DEVICE --runner path/to/executor_runner")
+    rows = []
+    for batch in opts.batches:
+        _progress(f"{path.name}, batch {batch}")
+        if suffix == ".onnx":
+            providers = ["cuda", "cpu"] if opts.device.startswith("cuda") else ["cpu"]
+            row = bench_onnx(path, input_size, batch, opts.warmup, opts.repeats, opts.threads, providers)
+        else:
+            row = bench_torch(_load_torchscript(path), input_size, batch, opts.warmup, opts.repeats, opts.device,
+                              opts.threads)
+        rows.append({"model": path.name, **row})
+    return rows
+
+
+def _load_torchscript(path: Path) -> Any:
+    import torch
+
+    from ..errors import ModelError
+
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:
+        raise ModelError(f"{path.name} is not a TorchScript module: {str(e).splitlines()[0][:200]}",
+                         "bench a model by name, or a file saved with torch.jit.save") from None
+
+
+def _bench_file_adb(path: Path, device: str, runner: Optional[Path], input_size: tuple[int, ...], opts: _Opts,
+                    taskset: Optional[str], runner_args: list[str]) -> list[dict[str, Any]]:
+    from ..bench.runners import bench_adb
+
+    if runner is None:
+        raise ConfigError("--adb needs --runner", "give the host path of executor_runner (.pte), "
+                          "onnxruntime_perf_test (.onnx) or speed_benchmark_torch (.pt)")
+    rows = []
+    for batch in opts.batches:
+        _progress(f"{path.name} on {device}, batch {batch}")
+        row = bench_adb(device, path, runner, input_size, opts.warmup, opts.repeats, taskset, runner_args,
+                        batch=batch, threads=opts.threads)
+        rows.append({"model": path.name, **row})
+    return rows
+
+
+def _device_key(row: dict[str, Any]) -> str:
+    """File name (without .json) for a row's device: local-cpu, local-cuda, or the phone's model-serial."""
+    if row.get("serial"):
+        raw = f"{row['device'].split(' (')[0]}-{row['serial']}"
+    else:
+        raw = f"local-{row['device'].split(':')[0]}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
+
+
+def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    """Write via a temp file in the same directory + os.replace, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save(rows: list[dict[str, Any]], out_dir: Path, header: dict[str, Any]) -> list[Path]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(_device_key(row), []).append(row)
+    paths = []
+    for key, group in groups.items():
+        path = out_dir / f"{key}.json"
+        _write_json_atomic(path, {**header, "device": group[0]["device"], "rows": group})
+        paths.append(path)
+    return paths
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _render(rows: list[dict[str, Any]]) -> None:
+    table = Table("model", "backend", "device", "batch", "p50 ms", "p90 ms", "images/s", "speedup", "flag")
+    for r in rows:
+        speedup = f"{r['speedup']:.2f}x" if r.get("speedup") is not None else "-"
+        table.add_row(str(r.get("model", "")), r["backend"], r["device"], str(r["batch"]), _fmt(r["p50_ms"], ".2f"),
+                      _fmt(r["p90_ms"], ".2f"), _fmt(r["images_per_s"], ".1f"), speedup,
+                      f"[yellow]{r['flag']}[/]" if r.get("flag") else "")
+    console.print(table)
+
+
+def _check_flags(batches: list[int], warmup: int, repeats: int, backends: list[str]) -> None:
+    if not batches or min(batches) < 1 or warmup < 0 or repeats < 1:
+        raise ConfigError(f"bad sizes: --batch {batches}, --warmup {warmup}, --repeats {repeats}",
+                          "batches and repeats must be >= 1, warmup >= 0")
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        raise ConfigError(f"unknown --backend {', '.join(unknown)}", f"choose from {', '.join(BACKENDS)}")
+
+
+def _bench_model_target(kind: str, target: Any, backends: list[str], opts: _Opts, *, compressor: Optional[str],
+                        params: dict[str, Any], kwargs: dict[str, Any], checkpoint: Optional[Path],
+                        pretrained: bool, input_size: Optional[tuple[int, ...]]) -> tuple[list, dict[str, Any]]:
+    """Rows and saved-file header for a model name or a run directory (torch eager, base vs compressed)."""
+    if any(b != "torch" for b in backends):
+        raise ConfigError("onnxruntime benchmarks need an exported .onnx file",
+                          "export with `ltmpctl export`, then `ltmpctl bench FILE.onnx`")
+    if kind == "run":
+        base, compressed, info = _load_run(target)
+        size = input_size or tuple(info["input_size"])
+        label, flops = "compressed", info.get("flops_ratio")
+    else:
+        base, compressed, size0 = _build_models(target, compressor, params, kwargs, checkpoint, pretrained)
+        size, label, flops = input_size or size0, compressor or "compressed", None
+    rows = _bench_pair(base, compressed, size, opts, flops, label)
+    return rows, {"input_size": list(size)}
+
+
+@app.command("bench")
+def bench_cmd(
+    target: str = typer.Argument(..., help="model name (deit_tiny, demo, timm name), exported .onnx/.pte/.pt file, "
+                                 "or run directory"),
+    local: bool = typer.Option(False, "--local", help="benchmark on this machine (the default without --adb)"),
+    adb: Optional[str] = typer.Option(None, "--adb", help="Android device: serial, model (Pixel_7), codename "
+                                      "(panther) or alias (pixel7); see `ltmpctl devices`"),
+    runner: Optional[Path] = typer.Option(None, "--runner", help="host path of the on-device runner binary"),
+    batch: list[int] = typer.Option([1], "--batch", help="batch size; repeat for several"),
+    warmup: int = typer.Option(5, "--warmup", help="untimed forwards first"),
+    repeats: int = typer.Option(20, "--repeats", help="timed forwards"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads (default: the runtime's)"),
+    device: str = typer.Option("cpu", "--device", help="local device: cpu, cuda or cuda:N"),
+    backend: list[str] = typer.Option(["torch"], "--backend", help="torch (model names, run dirs, .pt) or "
+                                      "onnxruntime (.onnx files)"),
+    compressor: Optional[str] = typer.Option(None, "--compressor", help="also bench a copy patched with it"),
+    param: list[str] = typer.Option([], "--param", help="compressor parameter key=value; repeatable"),
+    model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="timm.create_model key=value; repeatable"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="weights to load"),
+    pretrained: bool = typer.Option(False, "--pretrained/--random-weights", help="timm's pretrained weights; "
+                                    "latency needs none, but LTMP's data-dependent token counts do"),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W (default: the model's)"),
+    taskset: Optional[str] = typer.Option(None, "--taskset", help="hex CPU mask to pin the on-device runner"),
+    runner_arg: list[str] = typer.Option([], "--runner-arg", help="extra argument for the runner; repeatable"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    out: Optional[Path] = typer.Option(None, "--out", help="save <device>.json here (run dirs: <run>/bench)"),
+) -> None:
+    """Latency (p50/p90, images/s) of a model and its compressed copy, on this machine or an Android phone."""
+    from ..bench.local import set_threads
+    from ..models import parse_kwargs
+
+    set_threads(None)  # OMP_WAIT_POLICY=passive before any OpenMP work (shared/SETUP.md)
+    _check_flags(batch, warmup, repeats, backend)
+    opts = _Opts(batch, warmup, repeats, threads, device)
+    kind, obj = _classify(target)
+    size = _parse_shape(input_size)
+    if compressor and kind != "model":
+        raise ConfigError("--compressor applies to model names", "a run directory already has its compressed model")
+    rows: list[dict[str, Any]] = []
+    header: dict[str, Any] = {"target": target}
+    if kind == "file":
+        size = size or (_onnx_input_size(obj) if obj.suffix.lower() == ".onnx" else DEFAULT_INPUT)
+        header["input_size"] = list(size)
+        if local or adb is None:
+            rows += _bench_file_local(obj, size, opts)
+        if adb is not None:
+            rows += _bench_file_adb(obj, adb, runner, size, opts, taskset, runner_arg)
+    else:
+        if adb is not None:
+            raise ConfigError("--adb runs exported files", "export with `ltmpctl export`, then bench the .pte/.onnx")
+        rows, extra = _bench_model_target(kind, obj, backend, opts, compressor=compressor,
+                                          params=_parse_kv(param, "--param"),
+                                          kwargs=parse_kwargs(model_kwargs), checkpoint=checkpoint,
+                                          pretrained=pretrained, input_size=size)
+        header.update(extra)
+    out_dir = out if out is not None else (obj / "bench" if kind == "run" else None)
+    saved = _save(rows, out_dir, header) if out_dir is not None else []
+    if json_out:
+        typer.echo(json.dumps({**header, "rows": rows, "saved": [str(p) for p in saved]}, indent=2))
+        return
+    _render(rows)
+    for p in saved:
+        err_console.print(f"saved {p}", highlight=False)
+

@@ -1,0 +1,212 @@
+"""Benchmarks on this machine: torch eager (CPU or CUDA) and onnxruntime, in the shared result schema."""
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+from ..errors import ConfigError, ModelError
+from .stats import compare_rows, make_row, summarize
+
+__all__ = ["set_threads", "random_batch", "bench_torch", "bench_onnx", "compare_rows", "flops_ratio"]
+
+_ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def set_threads(n: Optional[int]) -> int:
+    """Set torch's intra-op threads (None: leave as is); returns the previous count.
+
+    Also defaults OMP_WAIT_POLICY to passive: with cores shared between jobs, OpenMP's spin-wait made deit_tiny's
+    batch-1 forward 20x slower (shared/SETUP.md). The variable only takes effect if set before OpenMP starts its
+    threads, which is why the CLI sets it first thing as well.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    previous = torch.get_num_threads()
+    if n is not None:
+        if n < 1:
+            raise ConfigError(f"--threads must be >= 1, got {n}", "give a positive thread count")
+        torch.set_num_threads(n)
+    return previous
+
+
+@contextlib.contextmanager
+def _threads(n: Optional[int]) -> Iterator[int]:
+    """Run with `n` torch threads and restore the caller's count afterwards (it is process-global)."""
+    previous = set_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _maxrss_mb() -> float:
+    """The process's peak resident set so far, MiB (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def _check_counts(batch: int, warmup: int, repeats: int) -> None:
+    if batch < 1 or warmup < 0 or repeats < 1:
+        raise ConfigError(f"bad benchmark sizes: batch={batch}, warmup={warmup}, repeats={repeats}",
+                          "batch and repeats must be >= 1, warmup >= 0")
+
+
+def _torch_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}", "use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CUDA was asked for but torch sees no GPU", "use --device cpu")
+    return dev
+
+
+def _first_forward(run: Callable[[], Any], shape: tuple[int, ...]) -> None:
+    """One untimed forward whose failure (wrong input size, bad export) becomes a one-line error, not a traceback."""
+    try:
+        run()
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelError(f"forward on a {shape} input failed: {msg}", "check --input-size and --batch") from None
+
+
+def _sync(dev: torch.device) -> None:
+    # CUDA kernels run asynchronously: without a sync the clock would stop before the GPU finished.
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def random_batch(input_shape: Sequence[int], batch: int, seed: int = 0) -> torch.Tensor:
+    """The seeded (batch, *input_shape) normal batch every local benchmark feeds (and flops_ratio measures on)."""
+    return torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(seed))
+
+
+def bench_torch(model: torch.nn.Module, input_shape: Sequence[int], batch: int, warmup: int, repeats: int,
+                device: str = "cpu", threads: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
+    """Time `repeats` eager forwards of a (batch, *input_shape) random batch after `warmup` untimed ones.
+
+    The model is put in eval mode and moved to `device` in place. Peak memory: see stats.SCHEMA["peak_mem_mb"].
+    """
+    _check_counts(batch, warmup, repeats)
+    dev = _torch_device(device)
+    model = model.eval().to(dev)
+    x = random_batch(input_shape, batch, seed).to(dev)  # (B, C, H, W)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss0 = _maxrss_mb()
+    times: list[float] = []
+    with _threads(threads) as used, torch.inference_mode():
+        _first_forward(lambda: model(x), tuple(x.shape))
+        for _ in range(warmup):
+            model(x)
+        _sync(dev)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+        name = f"{dev.type}:{dev.index or 0}"
+    else:
+        peak, name = _maxrss_mb() - rss0, "cpu"
+    return make_row(backend="torch", device=name, batch=batch, threads=used if dev.type == "cpu" else None,
+                    warmup=warmup, repeats=repeats, stats=summarize(times, batch), peak_mem_mb=peak,
+                    timing="per-iteration")
+
+
+def _ort_providers(requested: Optional[Sequence[str]]) -> list[str]:
+    """Provider names (short `cpu`/`cuda` accepted) that this onnxruntime build has, in the order asked."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = [_ORT_PROVIDERS.get(p.lower(), p) for p in (requested or ["cpu"])]
+    chosen = [p for p in wanted if p in available]
+    if not chosen:
+        raise ConfigError(f"onnxruntime providers {wanted} are not available here",
+                          f"this onnxruntime has: {', '.join(available)}")
+    return chosen
+
+
+def _ort_session(path: Path, threads: Optional[int], providers: list[str]) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or 0  # 0: onnxruntime's default (one per physical core)
+    so.inter_op_num_threads = 1
+    # Same reason as OMP_WAIT_POLICY=passive: spinning worker threads starve everything else on shared cores.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:
+        raise ModelError(f"onnxruntime can't load {str(path)!r}: {str(e).splitlines()[0][:200]}",
+                         "check the file is a complete ONNX export (with its .onnx.data next to it)") from None
+
+
+def _check_batch_dim(session: Any, batch: int, path: Path) -> str:
+    """The input's name; refuses a batch the model's fixed batch dimension can't take."""
+    inp = session.get_inputs()[0]
+    dim0 = inp.shape[0] if inp.shape else None
+    if isinstance(dim0, int) and dim0 != batch:
+        raise ConfigError(f"{path.name} was exported with a fixed batch of {dim0}, not {batch}",
+                          f"bench it with --batch {dim0}, or export with a dynamic batch")
+    return inp.name
+
+
+def bench_onnx(path: str | Path, input_shape: Sequence[int], batch: int, warmup: int, repeats: int,
+               threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
+               seed: int = 0) -> dict[str, Any]:
+    """Time onnxruntime `InferenceSession.run` on a (batch, *input_shape) float32 random batch.
+
+    `providers`: e.g. ["cuda", "cpu"]; the first available one runs it (inputs are host numpy arrays, so CUDA
+    timings include the copies). Peak memory: RSS growth from before the session was created (weights included).
+    """
+    import numpy as np
+
+    _check_counts(batch, warmup, repeats)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"ONNX file {str(p)!r} not found", "check the path")
+    chosen = _ort_providers(providers)
+    rss0 = _maxrss_mb()
+    session = _ort_session(p, threads, chosen)
+    name = _check_batch_dim(session, batch, p)
+    x = np.random.default_rng(seed).standard_normal((batch, *input_shape), dtype=np.float32)
+    _first_forward(lambda: session.run(None, {name: x}), x.shape)
+    for _ in range(warmup):
+        session.run(None, {name: x})
+    times: list[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, {name: x})
+        times.append(time.perf_counter() - t0)
+    device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    return make_row(backend="onnxruntime", device=device, batch=batch, threads=threads, warmup=warmup,
+                    repeats=repeats, stats=summarize(times, batch), peak_mem_mb=_maxrss_mb() - rss0,
+                    timing="per-iteration")
+
+
+def flops_ratio(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """Analytic MACs of `model` on `images` (token counts of one forward, averaged over the batch) / unreduced MACs.
+
+    1.0 for a model no compressor patched.
+    """
+    from ..compressor import CompressedViT, token_counts
+    from ..flops import base_macs, model_macs, vit_shape
+
+    if not isinstance(model, CompressedViT):
+        return 1.0
+    with torch.inference_mode():
+        model.eval()(images.to(next(model.parameters()).device))
+    counts = token_counts(model).float().mean(dim=0)  # (depth, 2)
+    shape = vit_shape(model)
+    # Compressors that match tokens by key similarity (need_metric) pay the merge matmul (ltmpctl.flops).
+    merging = any(getattr(b, "need_metric", False) for b in model.blocks)
+    macs = model_macs(shape, counts[:, 0].tolist(), counts[:, 1].tolist(), merging=merging)
+    return float(macs) / base_macs(shape)

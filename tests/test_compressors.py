@@ -1,0 +1,154 @@
+"""Contract tests for the built-in compressors on tiny seeded ViTs (offline, seconds)."""
+import copy
+
+import pytest
+import torch
+
+import ltmpctl
+from ltmpctl.errors import ConfigError, ModelError, PluginError
+from ltmpctl.registry import get
+from conftest import tiny_vit
+
+COMPRESSORS = ["ltmp", "tome", "topk"]
+VARIANTS = {
+    "plain": {},
+    "layerscale": {"init_values": 0.1},
+    "distilled": {"distilled": True},
+    "registers": {"reg_tokens": 4},
+    "qk_norm": {"qk_norm": True},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", COMPRESSORS)
+def test_reducing_nothing_reproduces_timm(name, variant, images):
+    model = tiny_vit(**VARIANTS[variant])
+    with torch.no_grad():
+        ref = model(images)
+        out = ltmpctl.apply(copy.deepcopy(model), name, **get(name).identity_params())(images)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_prefix_tokens_never_pruned_even_when_everything_else_is(images):
+    model = ltmpctl.apply(tiny_vit(reg_tokens=2), "ltmp", merge_threshold=1.0, prune_threshold=1.0)
+    with torch.no_grad():
+        model(images)
+    counts = ltmpctl.token_counts(model)
+    assert counts[:, 0, 0].eq(67).all() and counts[:, :, 1].eq(3).all()  # cls + 2 registers only
+
+
+def test_distilled_head_reads_class_and_dist_tokens(images):
+    """Merging must keep the distillation token at index 1, where timm's distilled head reads it."""
+    base = tiny_vit(distilled=True)
+    model = ltmpctl.apply(copy.deepcopy(base), "tome", r=20)
+    feats = {}
+    model.norm.register_forward_hook(lambda m, i, o: feats.setdefault("x", o))
+    with torch.no_grad():
+        out = model(images)
+    x = feats["x"]
+    expect = (model.head(x[:, 0]) + model.head_dist(x[:, 1])) / 2
+    torch.testing.assert_close(out, expect)
+    # and the tokens at 0/1 are the prefix ones: with the patch tokens' pos-embeddings ignored, the dist token's
+    # output differs from every merged patch token
+    assert not torch.allclose(x[:, 1], x[:, 2])
+
+
+def test_ltmp_batched_equals_batch1_with_different_counts(images):
+    model = ltmpctl.apply(tiny_vit(depth=4), "ltmp", merge_threshold=[0.5, 0.45, 0.4, 0.4],
+                          prune_threshold=[0.0153, 0.02, 0.03, 0.04])
+    with torch.no_grad():
+        batched = model(images)
+        counts = ltmpctl.token_counts(model)[:, -1, 1]
+        single = torch.cat([model(images[i:i + 1]) for i in range(len(images))])
+    assert len(set(counts.tolist())) > 1, "test needs images that keep different numbers of tokens"
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+
+
+def test_ltmp_eval_really_removes_tokens(images):
+    model = ltmpctl.apply(tiny_vit(), "ltmp", merge_threshold=0.4, prune_threshold=0.02)
+    shapes = []
+    model.blocks[-1].mlp.fc1.register_forward_hook(lambda m, i, o: shapes.append(i[0].shape[1]))
+    with torch.no_grad():
+        model(images[:1])
+    assert shapes[0] == int(ltmpctl.token_counts(model)[0, -1, 1]) < 65
+
+
+def test_ltmp_train_mode_learns_thresholds(images):
+    model = ltmpctl.apply(tiny_vit(), "ltmp", merge_threshold=0.4, prune_threshold=0.015)
+    ltmp = get("ltmp")
+    model.train()
+    logits = model(images)
+    assert logits.shape == (6, 10)
+    for mask in model.ltmpctl_masks:  # straight-through masks are exactly hard in the forward
+        assert torch.all((mask == 0) | (mask == 1))
+    task = torch.nn.functional.cross_entropy(logits, torch.arange(6) % 10)
+    loss, ratio = ltmp.loss(model, task, target=0.5)
+    assert 0 < ratio.item() < 1
+    loss.backward()
+    for blk in model.blocks:
+        assert blk.merge_threshold.grad is not None and blk.prune_threshold.grad is not None
+    assert any(float(b.merge_threshold.grad) != 0 for b in model.blocks)
+    assert any(float(b.prune_threshold.grad) != 0 for b in model.blocks)
+    with torch.no_grad():
+        model.blocks[0].merge_threshold.fill_(1.7)
+    ltmp.clamp_(model)
+    assert float(model.blocks[0].merge_threshold) == 1.0
+
+
+def test_ltmp_thresholds_are_the_only_new_parameters():
+    base = tiny_vit()
+    n_base = len(list(base.parameters()))
+    model = ltmpctl.apply(base, "ltmp")
+    names = [n for n, _ in model.named_parameters()]
+    assert len(names) == n_base + 2 * 3
+    assert "blocks.0.merge_threshold" in names and "blocks.2.prune_threshold" in names
+
+
+def test_tome_merges_r_per_block_and_schedule(images):
+    model = ltmpctl.apply(tiny_vit(), "tome", r=8)
+    with torch.no_grad():
+        model(images)
+    counts = ltmpctl.token_counts(model)[0]
+    assert counts[:, 0].tolist() == [65, 57, 49] and counts[:, 1].tolist() == [57, 49, 41]
+    ltmpctl.apply(model, "tome", r=40)  # clamped to half of the non-prefix tokens
+    with torch.no_grad():
+        model(images)
+    assert ltmpctl.token_counts(model)[0, :, 1].tolist() == [33, 17, 9]
+    tome_mod = __import__("ltmpctl_plugins.tome", fromlist=["parse_r"])
+    assert tome_mod.parse_r(12, 8, 0.0) == [8] * 12
+    assert tome_mod.parse_r(4, 6, -0.5) == [9, 7, 5, 3]
+
+
+def test_topk_counts_and_fuse(images):
+    model = ltmpctl.apply(tiny_vit(), "topk", keep_rate=0.5)
+    with torch.no_grad():
+        model(images)
+    assert ltmpctl.token_counts(model)[0, :, 1].tolist() == [33, 17, 9]
+    model = ltmpctl.apply(tiny_vit(), "topk", keep_rate=[1.0, 0.5, 0.5], fuse=True)
+    with torch.no_grad():
+        model(images)
+    assert ltmpctl.token_counts(model)[0, :, 1].tolist() == [65, 34, 19]  # + one fused token (ceil(0.5 * 33) = 17)
+
+
+@pytest.mark.parametrize("name,params,msg", [
+    ("ltmp", {"merge_threshold": [0.5, 0.5]}, "has 2 entries but the model has 3 blocks"),
+    ("ltmp", {"prune_threshold": 1.5}, "prune_threshold"),
+    ("ltmp", {"bogus": 1}, "bogus"),
+    ("tome", {"r": -1}, "r must be >= 0"),
+    ("topk", {"keep_rate": 0.0}, "keep_rate"),
+])
+def test_bad_params_are_clear_errors(name, params, msg):
+    with pytest.raises(ConfigError, match=msg):
+        ltmpctl.apply(tiny_vit(), name, **params)
+
+
+def test_unknown_compressor_and_unsupported_models():
+    with pytest.raises(PluginError, match="unknown compressor 'nope'"):
+        ltmpctl.apply(tiny_vit(), "nope")
+    with pytest.raises(ModelError, match="not a timm VisionTransformer"):
+        ltmpctl.apply(torch.nn.Linear(2, 2), "tome")
+    with pytest.raises(ModelError, match="class token"):
+        ltmpctl.apply(tiny_vit(class_token=False, global_pool="avg"), "tome")
+    model = ltmpctl.apply(tiny_vit(), "tome", r=2)
+    with pytest.raises(ModelError, match="already compressed with tome"):
+        ltmpctl.apply(model, "topk")
