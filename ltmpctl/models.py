@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import fnmatch
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,8 +105,6 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def create(spec: ModelSpec) -> torch.nn.Module:
     """Build the model in eval mode, load weights, and check it is a class-token timm ViT."""
-    import timm
-
     name = resolve_name(spec.name)
     kwargs = dict(spec.kwargs)
     checkpoint = spec.checkpoint
@@ -114,15 +115,13 @@ def create(spec: ModelSpec) -> torch.nn.Module:
         name, pretrained = "vit_tiny_patch16_224", False
         kwargs = {**demo.MODEL_KWARGS, **kwargs}
         checkpoint = checkpoint or str(demo.CHECKPOINT)
-    try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"bad --model-kwargs for {name}: {e}", "use timm.create_model keyword names") from None
-    except Exception as e:  # offline hub download, missing weights, ...
-        if pretrained:
-            raise ModelError(f"pretrained weights for {name} could not be downloaded ({type(e).__name__})",
-                             OFFLINE_HINT) from None
-        raise ModelError(f"timm could not build {name}: {type(e).__name__}: {e}", "check --model-kwargs") from None
+    if pretrained:
+        # Refuse a non-ViT (resnet50, an avg-pooled ViT) before fetching weights it could never use.
+        check_supported(_build(name, False, kwargs, meta=True))
+        with _offline_hub_if_unreachable():
+            model = _build(name, True, kwargs)
+    else:
+        model = _build(name, False, kwargs)
     check_supported(model)
     if checkpoint is not None:
         sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(checkpoint).items()}
@@ -142,4 +141,60 @@ def data_config(model: torch.nn.Module, spec: ModelSpec) -> dict[str, Any]:
         return dict(demo.DATA_CONFIG)
     import timm.data
 
-    return timm.data.resolve_data_config({}, model=model)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    # timm reports the pretrained config's resolution; an img_size / in_chans given at creation lives on the model.
+    pe = getattr(model, "patch_embed", None)
+    img = getattr(pe, "img_size", None)
+    proj = getattr(pe, "proj", None)
+    if img is not None and isinstance(proj, torch.nn.Conv2d):
+        cfg["input_size"] = (int(proj.in_channels), int(img[0]), int(img[1]))
+    return cfg
+
+
+def _build(name: str, pretrained: bool, kwargs: dict[str, Any], meta: bool = False) -> torch.nn.Module:
+    """timm.create_model with its failures as one-line errors; `meta` builds shapes only (no memory, no init)."""
+    import timm
+
+    try:
+        if meta:
+            with torch.device("meta"):
+                return timm.create_model(name, pretrained=False, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"bad --model-kwargs for {name}: {e}", "use timm.create_model keyword names") from None
+    except Exception as e:  # offline hub download, missing weights, ...
+        if pretrained:
+            raise ModelError(f"pretrained weights for {name} could not be downloaded ({type(e).__name__})",
+                             OFFLINE_HINT) from None
+        raise ModelError(f"timm could not build {name}: {type(e).__name__}: {e}", "check --model-kwargs") from None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub endpoint (HF_ENDPOINT) accepts a TCP connection within `timeout` seconds."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _offline_hub_if_unreachable() -> Iterator[None]:
+    """Hub offline mode while the Hub can't be reached: cached weights still load, and missing ones fail at once
+    instead of after ~60 s of retries that print a warning per attempt."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        yield
+        return
+    # huggingface_hub reads this module attribute on every request (constants.is_offline_mode()).
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False

@@ -115,6 +115,7 @@ class LTMP(Compressor):
     block_class = LTMPBlock
     learnable = True
     data_dependent = True
+    merging = True
 
     @classmethod
     def identity_params(cls) -> dict:

@@ -71,6 +71,7 @@ class ToMe(Compressor):
     name = "tome"
     Params = ToMeParams
     block_class = ToMeBlock
+    merging = True
 
     @classmethod
     def identity_params(cls) -> dict:

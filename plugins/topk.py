@@ -49,7 +49,8 @@ class TopKBlock(TokenBlock):
         kept_s = gather(size[:, P:], top)
         parts_x, parts_s = [x[:, :P], kept_x], [size[:, :P], kept_s]
         if self.fuse:
-            dropped = torch.ones_like(imp, dtype=torch.bool).scatter(1, top, False)  # (B, N - P)
+            # A tensor source, not the scalar False: jit tracing (TorchScript export, fvcore) rejects a bool scalar.
+            dropped = torch.ones_like(imp, dtype=torch.bool).scatter(1, top, torch.zeros_like(top, dtype=torch.bool))
             # A weighted *average* (EViT sums raw class attention), so the fused token keeps the feature scale;
             # its size is the patches it stands for, which proportional attention then accounts for.
             w = imp.masked_fill(~dropped, 0.0)[..., None]  # (B, N - P, 1)

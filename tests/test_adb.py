@@ -388,16 +388,18 @@ def test_cli_in_process(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     _check_cli(name, tmp_path, captured.out, captured.err, e.value.code or 0, expected)
 
 
+SUBPROCESS_CASES = ["happy", "unauthorized"]  # the in-process test above covers every case
+
+
 def test_cli_subprocess_exit_codes(tmp_path: Path) -> None:
-    """The installed `ltmpctl` script in fresh processes: every case, all distinct codes, no traceback. They run
-    concurrently because each start-up imports torch and timm (~20 s of CPU apiece)."""
+    """The installed `ltmpctl` script in fresh processes: the user-facing path, exit code, no traceback.
+    Kept to two cases: each start-up imports torch and timm (seconds of CPU apiece on 2 cores)."""
     procs = {}
-    for name in CLI_CASES:
+    for name in SUBPROCESS_CASES:
         _, argv, expected, env = _cli_case(name, tmp_path)
         procs[name] = (expected, subprocess.Popen([str(LTMPCTL), *argv], env={**os.environ, **env},
                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for name, (expected, proc) in procs.items():
         out, err = proc.communicate(timeout=1200)
         _check_cli(name, tmp_path, out, err, proc.returncode, expected)
-    codes = [expected for expected, _ in procs.values() if expected]
-    assert len(set(codes)) == len(codes) == 6
+

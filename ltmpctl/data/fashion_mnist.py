@@ -39,11 +39,19 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _find_dir() -> Path:
+def local_dir() -> Path | None:
+    """The folder already holding all four Fashion-MNIST files, or None (never downloads)."""
     candidates = [DEBIAN_DIR, cache_dir() / "fashion-mnist", cache_dir() / "FashionMNIST" / "raw"]
     for d in candidates:
         if all((d / f).exists() for pair in _FILES.values() for f in pair):
             return d
+    return None
+
+
+def _find_dir() -> Path:
+    found = local_dir()
+    if found is not None:
+        return found
     try:  # fall back to torchvision's downloader (needs network)
         from torchvision.datasets import FashionMNIST
 

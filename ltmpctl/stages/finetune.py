@@ -1,0 +1,176 @@
+"""finetune: LTMP's threshold training (1 epoch, paper settings), resumable, optionally label-free or distributed.
+
+Loss = task loss + lam * (flops_ratio - target)^2, task loss = label-smoothed cross-entropy, or with `distill`
+the KL divergence to the uncompressed model's logits (so unlabeled images suffice). Only the thresholds learn
+(SGD, lr_merge / lr_prune, cosine schedule) unless `full`, which also trains the weights at `lr`.
+
+Resumable: every `checkpoint_every` steps (and on Ctrl-C) the trainable state, optimiser, step and RNG state go to
+`<run>/finetune.ckpt`. The data order is a seeded permutation per epoch, so a resumed run skips the batches
+already seen without loading them and reaches the same thresholds as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import Sampler
+
+import ltmpctl.registry
+
+from ..config import FinetuneStage
+from ..data.loaders import DataSpec, SkippingLoader, build_loader
+from ..errors import ConfigError
+
+CKPT = "finetune.ckpt"
+
+
+class EpochSampler(Sampler[int]):
+    """The seeded permutation of one epoch, from position `start`, sharded across ranks (rank::world)."""
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world: int = 1) -> None:
+        g = torch.Generator().manual_seed(seed * 1009 + epoch)
+        self.indices = torch.randperm(n, generator=g)[rank::world][start:].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    final_ratio: float
+    final_loss: float
+    resumed_from: Optional[int]
+    history: list[dict[str, float]]
+
+
+def _trainable(model: torch.nn.Module, cfg: FinetuneStage) -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = []
+    merge = [b.merge_threshold for b in model.blocks if hasattr(b, "merge_threshold")]
+    prune = [b.prune_threshold for b in model.blocks if hasattr(b, "prune_threshold")]
+    if merge:
+        groups.append({"params": merge, "lr": cfg.lr_merge, "name": "merge"})
+    if prune:
+        groups.append({"params": prune, "lr": cfg.lr_prune, "name": "prune"})
+    thresholds = {id(p) for g in groups for p in g["params"]}
+    for p in model.parameters():
+        p.requires_grad_(cfg.full or id(p) in thresholds)
+    if cfg.full:
+        weights = [p for p in model.parameters() if id(p) not in thresholds]
+        groups.append({"params": weights, "lr": cfg.lr, "name": "weights"})
+    return groups
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def finetune(model: torch.nn.Module, teacher: Optional[torch.nn.Module], cfg: FinetuneStage, data: DataSpec,
+             data_config: dict, target: float, seed: int, device: torch.device, run_path: Optional[Path],
+             progress: Optional[Callable[[int, int, dict[str, float]], None]] = None) -> FinetuneResult:
+    """Train `model` (already compressed) in place; returns what happened. `teacher` is needed for `distill`."""
+    comp = ltmpctl.registry.get(model.ltmpctl_compressor)
+    if cfg.distill and teacher is None:
+        raise ConfigError("distillation needs the uncompressed model", "pass the base model as teacher")
+    rank, world = _rank_world()
+    loader0, info = build_loader(data, "train", data_config, train=True, batch_size=cfg.batch_size, seed=seed,
+                                 augment=cfg.augment)
+    dataset = loader0.dataset
+    per_epoch = math.ceil(len(dataset) / world / cfg.batch_size)  # type: ignore[arg-type]
+    total = max(1, math.ceil(cfg.epochs * per_epoch))
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+
+    for b in model.blocks:  # the recipe's training temperature
+        if hasattr(b, "tau"):
+            b.tau = cfg.tau
+    groups = _trainable(model, cfg)
+    if not groups:
+        raise ConfigError(f"{comp.name} has nothing to train", "enable stages.finetune.full or disable the stage")
+    opt = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum)
+    base_lrs = [g["lr"] for g in groups]
+    train_model: torch.nn.Module = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+    ckpt = run_path / CKPT if run_path is not None else None
+    step, resumed = 0, None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        step = resumed = int(state["step"])
+
+    def save() -> None:
+        if ckpt is None or rank != 0:
+            return
+        trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        torch.save({"model": trainable, "opt": opt.state_dict(), "rng": torch.get_rng_state(), "step": step}, tmp)
+        os.replace(tmp, ckpt)
+
+    history: list[dict[str, float]] = []
+    loss_v = ratio_v = float("nan")
+    train_model.train()
+    if teacher is not None:
+        teacher.eval()
+    try:
+        while step < total:
+            epoch, start = divmod(step, per_epoch)
+            sampler = EpochSampler(len(dataset), seed, epoch, start * cfg.batch_size, rank, world)  # type: ignore
+            loader = SkippingLoader(dataset, on_skip=getattr(loader0, "on_skip"), batch_size=cfg.batch_size,
+                                    sampler=sampler, num_workers=data.workers,
+                                    # its own generator: creating an iterator must not draw from the global
+                                    # RNG that augmentation uses, or a resumed run would diverge
+                                    generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+            for images, labels in loader:
+                if step >= total:
+                    break
+                images, labels = images.to(device), labels.to(device)
+                scale = 0.5 * (1 + math.cos(math.pi * step / total))  # cosine schedule, no warm-up (paper)
+                for g, lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr * scale
+                logits = train_model(images)
+                if cfg.distill:
+                    with torch.no_grad():
+                        t_logits = teacher(images)  # type: ignore[misc]
+                    task = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits, -1), log_target=True,
+                                    reduction="batchmean")
+                else:
+                    task = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+                if comp.learnable:
+                    loss, ratio = comp.loss(model, task, target, cfg.lam)
+                else:
+                    loss, ratio = task, torch.tensor(float("nan"))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if comp.learnable:
+                    comp.clamp_(model)
+                step += 1
+                loss_v, ratio_v = float(loss.detach()), float(ratio.detach())
+                history.append({"step": step, "loss": loss_v, "flops_ratio": ratio_v})
+                if progress is not None:
+                    progress(step, total, {"loss": loss_v, "flops_ratio": ratio_v})
+                if step % cfg.checkpoint_every == 0:
+                    save()
+    except KeyboardInterrupt:
+        save()  # resumable with --resume RUN_DIR
+        raise
+    save()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return FinetuneResult(step, ratio_v, loss_v, resumed, history)
