@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .compressor import token_counts
-from .flops import ViTShape, base_macs, block_table, fvcore_macs, model_macs, vit_shape
+from .flops import ViTShape, base_macs, block_table, fvcore_macs, image_macs, is_merging, model_macs, vit_shape
 
 TOLERANCE = 0.02  # largest accepted |analytic - fvcore| / fvcore
 G = 1e9
@@ -60,7 +60,7 @@ def _base_section(model: torch.nn.Module, shape: ViTShape, images: Tensor) -> di
 
 def _compressed_section(model: torch.nn.Module, images: Tensor, data_dependent: bool) -> dict[str, Any]:
     shape = vit_shape(model)
-    merging = _merging(model)
+    merging = is_merging(model)
     if data_dependent:
         counts, measured = _per_image(model, images)
         runs = f"per image at batch 1 ({images.shape[0]} traces)"
@@ -68,7 +68,7 @@ def _compressed_section(model: torch.nn.Module, images: Tensor, data_dependent: 
         counts = _counts(model, images)
         measured = [_fvcore(model, images)] * images.shape[0]
         runs = f"one batch of {images.shape[0]}"
-    per_image = [_image_macs(shape, c, merging) for c in counts]
+    per_image = image_macs(model, counts)
     analytic = sum(per_image) / len(per_image)
     mean = counts.mean(dim=0)  # (depth, 2)
     at_mean = float(model_macs(shape, mean[:, 0].tolist(), mean[:, 1].tolist(), merging=merging))
@@ -82,14 +82,6 @@ def _compressed_section(model: torch.nn.Module, images: Tensor, data_dependent: 
         "merging": merging, "data_dependent": data_dependent, "blocks": rows, **_ends(shape, rows, analytic),
         "check": _check(analytic, at_mean, fv, diffs, runs),
     }
-
-
-def _merging(model: torch.nn.Module) -> bool:
-    """Whether the model's compressor runs bipartite matching, whose similarity matmul the formula adds."""
-    from .registry import get
-
-    name = getattr(model, "ltmpctl_compressor", None)
-    return bool(name) and bool(getattr(get(name), "merging", False))
 
 
 def _counts(model: torch.nn.Module, images: Tensor) -> Tensor:
@@ -118,10 +110,6 @@ def _fvcore(model: torch.nn.Module, images: Tensor) -> float:
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _image_macs(shape: ViTShape, counts: Tensor, merging: bool) -> float:
-    return float(model_macs(shape, counts[:, 0].tolist(), counts[:, 1].tolist(), merging=merging))
 
 
 def _mean_rows(shape: ViTShape, counts: Tensor, merging: bool) -> list[dict[str, Any]]:

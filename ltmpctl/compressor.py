@@ -104,7 +104,6 @@ class Compressor:
     block_class: ClassVar[type[TokenBlock]] = TokenBlock
     learnable: ClassVar[bool] = False
     data_dependent: ClassVar[bool] = False  # token counts differ per image
-    merging: ClassVar[bool] = False  # runs bipartite matching (its similarity matmul counts in the FLOPs model)
 
     @classmethod
     def parse_params(cls, params: dict[str, Any]) -> Params:

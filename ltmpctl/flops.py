@@ -113,6 +113,35 @@ def block_table(s: ViTShape, n_attn: Sequence[float], n_mlp: Sequence[float], me
     return rows
 
 
+def is_merging(model: torch.nn.Module) -> bool:
+    """Whether the model's blocks run bipartite matching (and so pay its similarity matmul)."""
+    return any(getattr(b, "need_metric", False) for b in model.blocks)
+
+
+def image_macs(model: torch.nn.Module, counts: Tensor) -> list[float]:
+    """MACs of each image from its token counts (B, depth, 2), as `token_counts` reports them."""
+    s, merging = vit_shape(model), is_merging(model)
+    return [float(model_macs(s, c[:, 0].tolist(), c[:, 1].tolist(), merging)) for c in counts.cpu()]
+
+
+def measured_ratio(model: torch.nn.Module, images: Tensor, batch_size: int = 64) -> float:
+    """Mean over images of (MACs / unreduced MACs), from the tokens each image really keeps in an eval forward.
+
+    1.0 for a model no compressor patched.
+    """
+    if not hasattr(model, "ltmpctl_compressor"):
+        return 1.0
+    from .compressor import token_counts
+
+    macs: list[float] = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            model(images[i:i + batch_size].to(next(model.parameters()).device))
+            macs += image_macs(model, token_counts(model))
+    return sum(macs) / len(macs) / base_macs(vit_shape(model))
+
+
 def fvcore_macs(model: torch.nn.Module, images: Tensor) -> float:
     """MACs per image counted by fvcore on a traced forward of `model` (in eval mode) over `images`.
 

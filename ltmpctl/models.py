@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -189,7 +190,9 @@ def _offline_hub_if_unreachable() -> Iterator[None]:
     instead of after ~60 s of retries that print a warning per attempt."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or hub_reachable():
+    # Behind a proxy a direct connection fails though downloads work: leave those to huggingface_hub.
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if constants.HF_HUB_OFFLINE or proxied or hub_reachable():
         yield
         return
     # huggingface_hub reads this module attribute on every request (constants.is_offline_mode()).

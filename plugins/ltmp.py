@@ -115,7 +115,6 @@ class LTMP(Compressor):
     block_class = LTMPBlock
     learnable = True
     data_dependent = True
-    merging = True
 
     @classmethod
     def identity_params(cls) -> dict:

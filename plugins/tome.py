@@ -71,7 +71,6 @@ class ToMe(Compressor):
     name = "tome"
     Params = ToMeParams
     block_class = ToMeBlock
-    merging = True
 
     @classmethod
     def identity_params(cls) -> dict:

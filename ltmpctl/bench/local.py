@@ -193,20 +193,7 @@ def bench_onnx(path: str | Path, input_shape: Sequence[int], batch: int, warmup:
 
 
 def flops_ratio(model: torch.nn.Module, images: torch.Tensor) -> float:
-    """Analytic MACs of `model` on `images` (token counts of one forward, averaged over the batch) / unreduced MACs.
+    """Measured FLOPs fraction of `model` on `images` (the one formula, per image; 1.0 when unpatched)."""
+    from ..flops import measured_ratio
 
-    1.0 for a model no compressor patched.
-    """
-    from ..compressor import CompressedViT, token_counts
-    from ..flops import base_macs, model_macs, vit_shape
-
-    if not isinstance(model, CompressedViT):
-        return 1.0
-    with torch.inference_mode():
-        model.eval()(images.to(next(model.parameters()).device))
-    counts = token_counts(model).float().mean(dim=0)  # (depth, 2)
-    shape = vit_shape(model)
-    # Compressors that match tokens by key similarity (need_metric) pay the merge matmul (ltmpctl.flops).
-    merging = any(getattr(b, "need_metric", False) for b in model.blocks)
-    macs = model_macs(shape, counts[:, 0].tolist(), counts[:, 1].tolist(), merging=merging)
-    return float(macs) / base_macs(shape)
+    return measured_ratio(model, images)

@@ -23,7 +23,7 @@ import torch
 import ltmpctl
 import ltmpctl.registry
 
-from ..flops import base_macs, model_macs, vit_shape
+from ..flops import measured_ratio, vit_shape
 
 MERGE_SPAN = 0.7  # s = 1 -> merge_threshold 0.3
 PRUNE_SPAN = 1.0  # s = 1 -> prune tokens below the first block's mean importance
@@ -35,21 +35,6 @@ class Calibration:
     flops_ratio: float
     iterations: int
     knob: str  # what was searched, for the report
-
-
-def measure_ratio(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> float:
-    """Mean over images of (compressed MACs / base MACs), from the tokens each image really keeps."""
-    s = vit_shape(model)
-    merging = ltmpctl.registry.get(model.ltmpctl_compressor).merging
-    total, base = 0.0, base_macs(s)
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            model(images[i:i + batch_size])
-            counts = ltmpctl.token_counts(model)  # (B, depth, 2)
-            for c in counts:
-                total += float(model_macs(s, c[:, 0].tolist(), c[:, 1].tolist(), merging)) / base
-    return total / len(images)
 
 
 def ltmp_params(strength: float, tokens: int) -> dict[str, Any]:
@@ -85,7 +70,7 @@ def calibrate(base: torch.nn.Module, compressor: str, params: dict[str, Any], ta
     probe = images if ltmpctl.registry.get(compressor).data_dependent else images[:2]
 
     def ratio_with(p: dict[str, Any]) -> float:
-        return measure_ratio(ltmpctl.apply(copy.deepcopy(base), compressor, **{**params, **p}), probe)
+        return measured_ratio(ltmpctl.apply(copy.deepcopy(base), compressor, **{**params, **p}), probe)
 
     if compressor == "ltmp":
         k, r, n = _bisect(lambda s: ratio_with(ltmp_params(s, tokens)), target, tolerance, max_iters)

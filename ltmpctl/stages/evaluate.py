@@ -7,9 +7,8 @@ from typing import Callable, Iterable, Optional
 import torch
 
 import ltmpctl
-import ltmpctl.registry
 
-from ..flops import base_macs, model_macs, vit_shape
+from ..flops import base_macs, image_macs, vit_shape
 
 
 def _quantiles(x: torch.Tensor, qs: tuple[float, ...]) -> list[list[float]]:
@@ -25,7 +24,6 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     """
     s = vit_shape(model)
     name = getattr(model, "ltmpctl_compressor", None)
-    merging = ltmpctl.registry.get(name).merging if name else False
     base = base_macs(s)
     correct1 = correct5 = n = 0
     seconds = 0.0
@@ -49,7 +47,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
             if name:
                 c = ltmpctl.token_counts(model).cpu()  # (B, depth, 2)
                 counts.append(c)
-                macs += [float(model_macs(s, ci[:, 0].tolist(), ci[:, 1].tolist(), merging)) for ci in c]
+                macs += image_macs(model, c)
             if progress is not None:
                 progress(len(labels))
     if n == 0:

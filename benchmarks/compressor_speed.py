@@ -1,0 +1,65 @@
+"""Compressor speed on CPU: deit_tiny at 224, each compressor calibrated to ~50% FLOPs, vs the unpatched model.
+
+    OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/compressor_speed.py --threads 2 --repeats 10
+
+Prints, per compressor and batch size (1 and 32): tokens per block (into the MLP, mean over the batch), analytic
+GMACs per image (ltmpctl.flops, fvcore-checked in tests), and measured eval latency (median of `--repeats` after
+warm-up) with the speedup over the unpatched model timed in the same process. Random weights: latency does not
+depend on them, but LTMP's data-dependent token counts do (so its row is indicative for real images).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenMP (shared/SETUP.md)
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import ltmpctl  # noqa: E402
+from ltmpctl.bench.local import bench_torch, random_batch, set_threads  # noqa: E402
+from ltmpctl.flops import base_macs, image_macs, vit_shape  # noqa: E402
+
+from _methods import methods_at, short  # noqa: E402
+
+INPUT = (3, 224, 224)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="deit_tiny_patch16_224")
+    p.add_argument("--target", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    args = p.parse_args()
+    set_threads(args.threads)
+    torch.manual_seed(0)
+    base = timm.create_model(args.model, pretrained=False).eval()
+    s = vit_shape(base)
+    methods = methods_at(base, args.target, random_batch(INPUT, 8, seed=1))
+    print(f"{args.model} {INPUT}, random weights, torch {torch.__version__} eager, {args.threads} threads, "
+          f"median of {args.repeats} after {args.warmup} warm-up")
+    print(f"{'method':7} {'batch':>5} {'GMACs':>7} {'ratio':>6} {'p50 ms':>9} {'speedup':>8}  tokens per block (MLP)"
+          f"  params")
+    for batch in args.batches:
+        b = bench_torch(base, INPUT, batch, args.warmup, args.repeats, threads=args.threads)
+        print(f"{'base':7} {batch:>5} {base_macs(s) / 1e9:7.3f} {1.0:6.3f} {b['p50_ms']:9.1f} {1.0:7.2f}x  "
+              f"{s.tokens} x {s.depth}")
+        for name, params, _ in methods:
+            model = ltmpctl.apply(copy.deepcopy(base), name, **params)
+            with torch.no_grad():
+                model(random_batch(INPUT, batch))  # the batch bench_torch times (same seed)
+            counts = ltmpctl.token_counts(model)
+            gmacs = sum(image_macs(model, counts)) / len(counts) / 1e9
+            tokens = " ".join(f"{v:.0f}" for v in counts[:, :, 1].float().mean(0))
+            c = bench_torch(model, INPUT, batch, args.warmup, args.repeats, threads=args.threads)
+            print(f"{name:7} {batch:>5} {gmacs:7.3f} {gmacs * 1e9 / base_macs(s):6.3f} {c['p50_ms']:9.1f} "
+                  f"{b['p50_ms'] / c['p50_ms']:7.2f}x  {tokens}  {short(params)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The analytic FLOPs model (`ltmpctl.flops`) against fvcore, unreduced and after every compressor, and `ltmpctl flops`."""
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_vit
+from typer.testing import CliRunner
+
+import ltmpctl
+import ltmpctl.cli.commands  # noqa: F401  (registers the commands)
+from ltmpctl import demo
+from ltmpctl.analysis import TOLERANCE, analyze_flops
+from ltmpctl.cli import app
+from ltmpctl.flops import base_macs, fvcore_macs, is_merging, model_macs, vit_shape
+
+VARIANTS = {"plain": {}, "distilled": {"distilled": True}, "qk_norm": {"qk_norm": True}}
+COMPRESSORS = [
+    ("ltmp", {"merge_threshold": 0.5, "prune_threshold": 0.01}),
+    ("tome", {"r": 8}),
+    ("topk", {"keep_rate": 0.5}),
+    ("topk", {"keep_rate": 0.5, "fuse": True}),
+]
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / b
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def base(request) -> torch.nn.Module:
+    return tiny_vit(**VARIANTS[request.param])
+
+
+def test_base_macs_match_fvcore(base, images):
+    """Unfused attention is counted by both; fvcore_macs turns timm's fused attention off for the trace."""
+    assert base.blocks[0].attn.fused_attn  # the model as timm builds it; fvcore_macs must unfuse it
+    assert rel(base_macs(vit_shape(base)), fvcore_macs(base, images)) <= TOLERANCE
+    assert base.blocks[0].attn.fused_attn  # and restore it
+
+
+@pytest.mark.parametrize("name, params", COMPRESSORS, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={x}" for k, x in v.items()))
+def test_reduced_macs_match_fvcore(base, images, name, params):
+    """Analytic MACs from each image's token counts vs fvcore traced on that image alone (batch 1)."""
+    model = ltmpctl.apply(copy.deepcopy(base), name, **params)
+    shape = vit_shape(model)
+    merging = is_merging(model)
+    assert merging == (name in ("ltmp", "tome"))
+    for i in range(3):
+        one = images[i:i + 1]
+        with torch.no_grad():
+            model(one)
+        counts = ltmpctl.token_counts(model)[0]
+        assert counts[-1, 1] < shape.tokens  # the parameters really reduce
+        analytic = float(model_macs(shape, counts[:, 0].tolist(), counts[:, 1].tolist(), merging=merging))
+        assert rel(analytic, fvcore_macs(model, one)) <= TOLERANCE
+
+
+def test_ltmp_counts_differ_per_image(images):
+    """The analysis' per-image path is exercised: LTMP keeps different counts in different images."""
+    model = ltmpctl.apply(tiny_vit(), "ltmp", merge_threshold=0.5, prune_threshold=0.01)
+    result = analyze_flops(tiny_vit(), model, images, data_dependent=True)
+    blocks = result["compressed"]["blocks"]
+    assert any(b["tokens_mlp_p10"] != b["tokens_mlp_p90"] for b in blocks)
+    assert result["compressed"]["check"]["fvcore_runs"].startswith("per image")
+    assert result["ok"]
+
+
+def test_analyze_flops_totals_add_up(images):
+    base = tiny_vit()
+    compressed = ltmpctl.apply(copy.deepcopy(base), "tome", r=8)
+    result = analyze_flops(base, compressed, images, data_dependent=False)
+    for key in ("base", "compressed"):
+        s = result[key]
+        blocks = sum(b["attn_gmacs"] + b["mlp_gmacs"] for b in s["blocks"])
+        assert s["total_gmacs"] == pytest.approx(s["embed_gmacs"] + blocks + s["head_gmacs"])
+        assert s["blocks"][-1]["cumulative_gmacs"] == pytest.approx(s["embed_gmacs"] + blocks)
+        assert abs(s["check"]["rel_diff"]) <= TOLERANCE
+    assert result["base"]["blocks"][0]["tokens_attn"] == 65
+    assert [b["tokens_mlp"] for b in result["compressed"]["blocks"]] == [57, 49, 41]
+    assert result["flops_ratio"] == pytest.approx(result["compressed"]["total_gmacs"] / result["base"]["total_gmacs"])
+    assert result["flops_ratio"] < 1.0 and result["ok"]
+    assert "tokens_attn_p10" not in result["compressed"]["blocks"][0]  # spread only for data-dependent ones
+
+
+def test_flops_cli_tiny_model_writes_json(tmp_path):
+    args = ["flops", "vit_tiny", "--no-pretrained", "--model-kwargs", "img_size=32", "--model-kwargs", "patch_size=4",
+            "--model-kwargs", "depth=2", "--model-kwargs", "embed_dim=64", "--model-kwargs", "num_heads=2",
+            "-c", "topk", "-p", "keep_rate=0.5", "-n", "2", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "random images" in result.stdout and "GMACs" in result.stdout
+    saved = json.loads((tmp_path / "flops.json").read_text())
+    assert saved["input_size"] == [3, 32, 32]  # the img_size kwarg, not the pretrained config's 224
+    assert saved["compressed"]["compressor"] == "topk" and saved["ok"]
+
+
+@pytest.mark.skipif(not demo.CHECKPOINT.is_file(), reason="the demo checkpoint is not trained yet")
+def test_flops_demo_tome_json():
+    result = CliRunner().invoke(app, ["flops", "demo", "--compressor", "tome", "--param", "r=4", "--json",
+                                      "--images", "4"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["input_size"] == [1, 28, 28] and "demo data" in doc["images_source"]
+    assert doc["base"]["blocks"][0]["tokens_attn"] == 50  # 7x7 patches + class token
+    assert [b["tokens_mlp"] for b in doc["compressed"]["blocks"]] == [46, 42, 38, 34, 30, 26]
+    assert 0.5 < doc["flops_ratio"] < 1.0
+    assert doc["ok"] and doc["compressed"]["check"]["fvcore_runs"] == "one batch of 4"
