@@ -3,7 +3,7 @@
 
 Everything is per image. A data-dependent compressor (LTMP) keeps a different number of tokens in each image, and
 attention is quadratic in tokens, so MACs are computed per image and then averaged; the formula on the mean token
-counts (what the LTMP loss and `bench` use) is reported beside it.
+counts (what LTMP's training loss optimises) is reported beside it.
 """
 from __future__ import annotations
 
@@ -34,15 +34,20 @@ def analyze_flops(base: torch.nn.Module, compressed: Optional[torch.nn.Module], 
     Data-dependent compressors are traced by fvcore once per image at batch 1: a batched forward pads every image
     to the batch's largest token count, so a batched trace would count the padding.
     """
-    shape = vit_shape(base)
-    result: dict[str, Any] = {
-        "unit": "GMACs", "images": int(images.shape[0]), "tolerance": TOLERANCE, "fvcore_skips": FVCORE_SKIPS,
-        "base": _base_section(base, shape, images),
-    }
-    if compressed is not None:
-        section = _compressed_section(compressed, images, data_dependent)
-        result["compressed"] = section
-        result["flops_ratio"] = section["total_gmacs"] / result["base"]["total_gmacs"]
+    models = [m for m in (base, compressed) if m is not None]
+    training = [m.training for m in models]  # counted in eval mode; a caller mid-fine-tune gets its mode back
+    try:
+        result: dict[str, Any] = {
+            "unit": "GMACs", "images": int(images.shape[0]), "tolerance": TOLERANCE, "fvcore_skips": FVCORE_SKIPS,
+            "base": _base_section(base, vit_shape(base), images),
+        }
+        if compressed is not None:
+            section = _compressed_section(compressed, images, data_dependent)
+            result["compressed"] = section
+            result["flops_ratio"] = section["total_gmacs"] / result["base"]["total_gmacs"]
+    finally:
+        for m, mode in zip(models, training):
+            m.train(mode)
     result["ok"] = all(result[k]["check"]["ok"] for k in ("base", "compressed") if k in result)
     return result
 

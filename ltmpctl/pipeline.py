@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -23,10 +24,10 @@ from . import models
 from .config import Recipe, dump
 from .data.loaders import DataSpec, build_loader
 from .errors import ConfigError
-from .rundir import RunDir
+from .rundir import SUMMARY, RunDir
 from .stages.calibrate import calibrate
 from .stages.evaluate import evaluate
-from .stages.finetune import finetune
+from .stages.finetune import CKPT, finetune
 
 MODEL_FILE = "model.safetensors"  # the compressed model, thresholds included
 BASE_FILE = "base.safetensors"  # the uncompressed weights, written only when full fine-tuning changed them
@@ -49,6 +50,7 @@ class Context:
     world: int = 1
     run: Optional[RunDir] = None
     summary: dict[str, Any] = field(default_factory=dict)
+    checkpoints: Optional[Path] = None  # where fine-tuning checkpoints live: the run dir, on every rank
 
     def write(self, **sections: Any) -> None:
         self.summary.update(sections)
@@ -66,6 +68,7 @@ def resolve_device(name: str) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
+    np.random.seed(seed)  # timm's RandAugment picks its ops with NumPy
     torch.manual_seed(seed)
 
 
@@ -154,17 +157,21 @@ def run_compress(recipe: Recipe, hooks: Optional[Hooks] = None, resume: Optional
     rank, world = init_distributed(device)
     seed_everything(recipe.seed)
     mspec, dspec = model_spec(recipe), data_spec(recipe)
-    hooks.stage("model")
     base = models.create(mspec).to(device)
     data_config = models.data_config(base, mspec)
-    ctx = Context(recipe, device, rank, world)
+    ctx = Context(recipe, device, rank, world, checkpoints=resume)  # other ranks read rank 0's checkpoint
     if rank == 0:
         if resume is not None:
             ctx.run = RunDir.open(resume)
             ctx.summary = ctx.run.read_summary()
         else:
             ctx.run = RunDir.create(recipe.out, mspec.name, recipe.compressor.name, recipe.target)
+            # A reused unfinished run dir: its results and checkpoint are an earlier attempt's (maybe another
+            # recipe's); only --resume continues them.
+            for stale in (SUMMARY, CKPT):
+                ctx.run.file(stale).unlink(missing_ok=True)
             ctx.run.write_text("resolved.yaml", dump(recipe))
+        ctx.checkpoints = ctx.run.path
         ctx.write(run_dir=str(ctx.run.path))
         ctx.run.write_env(recipe.seed, str(device), torch.get_num_threads())
     if ctx.run is None:
@@ -197,7 +204,7 @@ def _stages(ctx: Context, base: torch.nn.Module, mspec: models.ModelSpec, dspec:
         hooks.stage("finetune")
         teacher = base if st.finetune.distill else None
         result = finetune(compressed, teacher, st.finetune, dspec, data_config, recipe.target, recipe.seed,
-                          ctx.device, ctx.run.path if ctx.run else None,
+                          ctx.device, ctx.checkpoints,
                           lambda d, t, info: hooks.progress("finetune", d, t, info))
         if comp.learnable and hasattr(comp, "thresholds"):
             params = {**params, **comp.thresholds(compressed)}

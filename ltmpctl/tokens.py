@@ -113,19 +113,19 @@ def prefix_inf(imp: Tensor, num_prefix: int) -> Tensor:
     return torch.cat([torch.full_like(imp[:, :num_prefix], math.inf), imp[:, num_prefix:]], dim=1)
 
 
-def bipartite_indices(n: int, num_prefix: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Positions of set A (even absolute positions) and B (odd) among the non-prefix tokens, as ToMe splits.
+def split_ab(t: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """Set A (even absolute positions) and B (odd) of the non-prefix tokens along dim 1, as ToMe splits.
 
     With one class token this is exactly ToMe's `x[::2]` / `x[1::2]` split with the class row excluded.
+    Strided views, not index tensors: no copy at all (advanced indexing copied on every block), and their sizes
+    follow from the sequence length, so torch.export sees static or symbolic sizes, not data-dependent ones.
     """
-    pos = torch.arange(num_prefix, n, device=device)
-    # Strided slices, not boolean masks: their sizes follow from n, so torch.export sees static (or symbolic)
-    # sizes instead of data-dependent ones it can't reason about.
-    first_even = num_prefix % 2  # pos[0] = num_prefix
-    return pos[first_even::2], pos[1 - first_even::2]
+    first_even = num_prefix + num_prefix % 2
+    first_odd = num_prefix + 1 - num_prefix % 2
+    return t[:, first_even::2], t[:, first_odd::2]
 
 
-def match(metric: Tensor, a_idx: Tensor, b_idx: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Each A token's most similar B token by cosine similarity of `metric`: (node_max, node_idx), (B, NA) each.
 
     Padding (bool mask) can neither match nor be matched (-inf). A float train mask zeroes dead tokens' metric,
@@ -134,15 +134,17 @@ def match(metric: Tensor, a_idx: Tensor, b_idx: Tensor, mask: Optional[Tensor]) 
     metric = metric / metric.norm(dim=-1, keepdim=True)
     if mask is not None and mask.dtype != torch.bool:
         metric = metric * mask[..., None].detach()
-    scores = metric[:, a_idx] @ metric[:, b_idx].transpose(-1, -2)  # (B, NA, NB)
+    a, b = split_ab(metric, num_prefix)
+    scores = a @ b.transpose(-1, -2)  # (B, NA, NB)
     if mask is not None and mask.dtype == torch.bool:
-        valid = mask[:, a_idx, None] & mask[:, None, b_idx]
+        mask_a, mask_b = split_ab(mask, num_prefix)
+        valid = mask_a[:, :, None] & mask_b[:, None, :]
         scores = scores.masked_fill(~valid, -math.inf)
     # An extra -inf column keeps the max defined when no B token is left (a single non-prefix token), without a
     # Python branch on a data-dependent size: export can't guard on one and tracing would bake it. A row with no
     # valid partner gets -inf (never merged); the clamp keeps its index in range for the scatter that follows.
     node_max, node_idx = F.pad(scores, (0, 1), value=-math.inf).max(dim=-1)
-    return node_max, node_idx.clamp_max(b_idx.shape[0] - 1)
+    return node_max, node_idx.clamp_max(b.shape[1] - 1)
 
 
 def scatter_merge(dst: Tensor, node_idx: Tensor, src: Tensor, reduce: str = "sum") -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ltmpctl.compressor import Compressor, Params, TokenBlock, per_block
 from ltmpctl.flops import base_macs, model_macs, vit_shape
-from ltmpctl.tokens import AttentionOut, bipartite_indices, compact, match, scatter_merge, threshold_mask
+from ltmpctl.tokens import AttentionOut, compact, match, scatter_merge, split_ab, threshold_mask
 
 Thresholds = Union[float, list[float]]
 
@@ -61,23 +61,23 @@ class LTMPBlock(TokenBlock):
         P = self.num_prefix
         B, N, _ = x.shape
         assert mask is not None  # train_mask: the block made one before attention
-        a_idx, b_idx = bipartite_indices(N, P, x.device)
-        node_max, node_idx = match(a.metric, a_idx, b_idx, mask)
+        node_max, node_idx = match(a.metric, P, mask)
         merge = threshold_mask(node_max, self.merge_threshold, self.tau)  # (B, NA), STE
-        src_m = mask[:, a_idx]
+        src_m, dst_m = split_ab(mask, P)
         unm = torch.where(src_m.bool(), 1.0 - merge, src_m)  # dead tokens stay dead
         # Features are merged with the detached mask: the merge threshold learns through the mask's effect
         # on later attention and on the FLOPs term, as in the reference.
         w = merge.detach()
         xs = x * size
-        dst_x = scatter_merge(xs[:, b_idx], node_idx, xs[:, a_idx] * w[..., None])
-        dst_s = scatter_merge(size[:, b_idx], node_idx, size[:, a_idx] * w[..., None])
-        imp = a.importance
-        dst_imp = scatter_merge(imp[:, b_idx], node_idx, imp[:, a_idx] * w, reduce="amax")
-        size = torch.cat([size[:, :P], size[:, a_idx], dst_s], dim=1)
-        x = torch.cat([xs[:, :P], xs[:, a_idx], dst_x], dim=1) / size
-        mask = torch.cat([mask[:, :P], unm, mask[:, b_idx]], dim=1)
-        imp = torch.cat([imp[:, :P], imp[:, a_idx], dst_imp], dim=1)
+        (src_x, dst_x), (src_s, dst_s) = split_ab(xs, P), split_ab(size, P)
+        src_imp, dst_imp = split_ab(a.importance, P)
+        dst_x = scatter_merge(dst_x, node_idx, src_x * w[..., None])
+        dst_s = scatter_merge(dst_s, node_idx, src_s * w[..., None])
+        dst_imp = scatter_merge(dst_imp, node_idx, src_imp * w, reduce="amax")
+        size = torch.cat([size[:, :P], src_s, dst_s], dim=1)
+        x = torch.cat([xs[:, :P], src_x, dst_x], dim=1) / size
+        mask = torch.cat([mask[:, :P], unm, dst_m], dim=1)
+        imp = torch.cat([a.importance[:, :P], src_imp, dst_imp], dim=1)
         prune = threshold_mask(imp, self.prune_threshold, self.tau)
         mask = torch.where(mask.bool(), prune, mask)
         return x, size, mask
@@ -87,24 +87,23 @@ class LTMPBlock(TokenBlock):
         B, N, _ = x.shape
         if mask is None:
             mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
-        a_idx, b_idx = bipartite_indices(N, P, x.device)
-        node_max, node_idx = match(a.metric, a_idx, b_idx, mask)  # padding never matches
+        node_max, node_idx = match(a.metric, P, mask)  # padding never matches
         merge = node_max > self.merge_threshold  # (B, NA)
         w = merge.to(x.dtype)[..., None]
         xs = x * size
-        dst_x = scatter_merge(xs[:, b_idx], node_idx, xs[:, a_idx] * w)
-        dst_s = scatter_merge(size[:, b_idx], node_idx, size[:, a_idx] * w)
-        imp = a.importance
-        src_imp = imp[:, a_idx].masked_fill(~merge, -math.inf)
-        dst_imp = scatter_merge(imp[:, b_idx], node_idx, src_imp, reduce="amax")
+        (src_x, dst_x), (src_s, dst_s) = split_ab(xs, P), split_ab(size, P)
+        (src_imp, dst_imp), (src_m, dst_m) = split_ab(a.importance, P), split_ab(mask, P)
+        dst_x = scatter_merge(dst_x, node_idx, src_x * w)
+        dst_s = scatter_merge(dst_s, node_idx, src_s * w)
+        dst_imp = scatter_merge(dst_imp, node_idx, src_imp.masked_fill(~merge, -math.inf), reduce="amax")
         # Candidates in the reference's order: prefix, unmerged A, B (merged into).
-        cand_imp = torch.cat([imp[:, :P], imp[:, a_idx], dst_imp], dim=1)
-        alive = torch.cat([mask[:, :P], mask[:, a_idx] & ~merge, mask[:, b_idx]], dim=1)
+        cand_imp = torch.cat([a.importance[:, :P], src_imp, dst_imp], dim=1)
+        alive = torch.cat([mask[:, :P], src_m & ~merge, dst_m], dim=1)
         keep = alive & (cand_imp > self.prune_threshold)
         mask, (xs, size) = compact(
             keep,
-            torch.cat([xs[:, :P], xs[:, a_idx], dst_x], dim=1),
-            torch.cat([size[:, :P], size[:, a_idx], dst_s], dim=1),
+            torch.cat([xs[:, :P], src_x, dst_x], dim=1),
+            torch.cat([size[:, :P], src_s, dst_s], dim=1),
         )
         return xs / size, size, mask
 

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from ltmpctl.compressor import Compressor, Params, TokenBlock, per_block
-from ltmpctl.tokens import AttentionOut, bipartite_indices, match, scatter_merge
+from ltmpctl.tokens import AttentionOut, match, scatter_merge, split_ab
 
 
 def parse_r(depth: int, r: int, inflect: float) -> list[int]:
@@ -39,6 +39,11 @@ class ToMeParams(Params):
         return v
 
 
+def _pick(t: Tensor, idx: Tensor) -> Tensor:
+    """t[b, idx[b, i]] along dim 1: t (B, N, *), idx (B, K)."""
+    return t.gather(1, idx[..., None].expand(idx.shape + t.shape[2:]))
+
+
 class ToMeBlock(TokenBlock):
     need_metric = True
     r: int = 0
@@ -49,21 +54,18 @@ class ToMeBlock(TokenBlock):
         r = min(self.r, (N - P) // 2)
         if r <= 0:
             return x, size, mask
-        a_idx, b_idx = bipartite_indices(N, P, x.device)
-        node_max, node_idx = match(a.metric, a_idx, b_idx, None)  # (B, NA)
+        node_max, node_idx = match(a.metric, P, None)  # (B, NA)
         edge_idx = node_max.argsort(dim=-1, descending=True)
         src_idx = edge_idx[:, :r]  # the r most similar A tokens are merged
         unm_idx = edge_idx[:, r:].sort(dim=-1).values  # the rest keep their order
         dst_idx = node_idx.gather(1, src_idx)
 
         xs = x * size
-        def pick(t: Tensor, idx: Tensor) -> Tensor:
-            return t.gather(1, idx[..., None].expand(idx.shape + t.shape[2:]))
-        src_x, src_s = pick(xs[:, a_idx], src_idx), pick(size[:, a_idx], src_idx)
-        dst_x = scatter_merge(xs[:, b_idx], dst_idx, src_x)
-        dst_s = scatter_merge(size[:, b_idx], dst_idx, src_s)
-        size = torch.cat([size[:, :P], pick(size[:, a_idx], unm_idx), dst_s], dim=1)
-        x = torch.cat([xs[:, :P], pick(xs[:, a_idx], unm_idx), dst_x], dim=1) / size
+        (a_x, b_x), (a_s, b_s) = split_ab(xs, P), split_ab(size, P)
+        dst_x = scatter_merge(b_x, dst_idx, _pick(a_x, src_idx))
+        dst_s = scatter_merge(b_s, dst_idx, _pick(a_s, src_idx))
+        size = torch.cat([size[:, :P], _pick(a_s, unm_idx), dst_s], dim=1)
+        x = torch.cat([xs[:, :P], _pick(a_x, unm_idx), dst_x], dim=1) / size
         return x, size, mask
 
 

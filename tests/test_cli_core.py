@@ -64,14 +64,18 @@ def _run_main(monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
 @pytest.mark.parametrize("model, message", [("resnet50", "not a timm VisionTransformer"),
                                             ("no_such_model", "unknown model 'no_such_model'")])
-def test_bad_model_is_one_line(monkeypatch, capsys, command, model, message):
+def test_bad_model_is_one_line(monkeypatch, capsys, tmp_path, command, model, message):
     if command not in registered:
         pytest.skip(f"`ltmpctl {command}` is not registered in this build")
+    monkeypatch.chdir(tmp_path)  # a command that makes run directories makes them here
     code, err = _run_main(monkeypatch, capsys, [command, model])
     assert code != 0
     assert "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
-    assert message in err
+    lines = err.strip().splitlines()
+    # compress announces its stages ("> model") before it gets to the model; the error itself is one line.
+    progress = [line for line in lines if line.startswith("> ")] if command == "compress" else []
+    assert [line for line in lines if line not in progress] == [lines[-1]], err
+    assert lines[-1].startswith("error: ") and message in lines[-1]
 
 
 def test_flops_rejects_a_directory_that_is_not_a_run(monkeypatch, capsys, tmp_path):
@@ -94,3 +98,37 @@ def test_bad_model_from_a_real_process():
     assert done.stderr.strip().splitlines() == [
         "error: ResNet is not a timm VisionTransformer (ltmpctl compresses ViT/DeiT models; `ltmpctl models` "
         "lists them)"]
+
+
+def test_flops_on_a_run_dir_reads_its_data_and_writes_flops_json(monkeypatch, tmp_path):
+    """A run directory goes through ltmpctl.runs.load_run (stubbed: the models are tiny) and its own data."""
+    import copy
+
+    from PIL import Image
+    from conftest import tiny_vit
+
+    import ltmpctl
+    import ltmpctl.runs
+
+    for i, label in enumerate(("a", "a", "b")):
+        (tmp_path / "data" / "val" / label).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), (40 * i, 90, 200)).save(tmp_path / "data" / "val" / label / f"{i}.png")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "resolved.yaml").write_text("model: {name: vit_tiny}\n")
+    base = tiny_vit()
+    compressed = ltmpctl.apply(copy.deepcopy(base), "ltmp", merge_threshold=0.5, prune_threshold=0.01)
+    cfg = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
+           "crop_pct": 1.0, "crop_mode": "center"}
+    info = {"compressor": "ltmp", "data": {"path": str(tmp_path / "data"), "batch_size": 64, "workers": 2},
+            "data_config": cfg, "input_size": [3, 32, 32]}
+    monkeypatch.setattr(ltmpctl.runs, "load_run", lambda d: (base, compressed, info))
+
+    result = runner.invoke(app, ["flops", str(run), "--images", "5"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((run / "flops.json").read_text())
+    assert doc["images"] == 3 and doc["images_source"].startswith("3 images from")  # all the folder holds
+    assert doc["compressed"]["data_dependent"] and "tokens_attn_p90" in doc["compressed"]["blocks"][0]
+    assert doc["ok"]
+    refused = runner.invoke(app, ["flops", str(run), "--compressor", "tome"])
+    assert refused.exit_code != 0

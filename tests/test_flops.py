@@ -1,4 +1,4 @@
-"""The analytic FLOPs model (`ltmpctl.flops`) against fvcore, unreduced and after every compressor, and `ltmpctl flops`."""
+"""The analytic FLOPs model (`ltmpctl.flops`) against fvcore, unreduced and after each compressor; `ltmpctl flops`."""
 import copy
 import json
 

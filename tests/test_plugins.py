@@ -78,7 +78,8 @@ def test_third_party_plugin_listed_with_its_source(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = {r["name"]: r for r in json.loads(done.stdout)}
     assert rows["shout"]["source"] == "ltmpctl-shout 0.0.1"
-    assert rows["shout"]["params"] == [{"name": "volume", "type": "int", "default": 11, "description": "how loud"}]
+    assert rows["shout"]["params"] == [{"name": "volume", "type": "int", "default": 11, "required": False,
+                                       "description": "how loud"}]
     assert rows["shout"]["summary"] == "shout: reduces nothing, loudly."
     for name in ("ltmp", "tome", "topk"):
         assert rows[name]["source"] == "builtin"

@@ -134,5 +134,9 @@ def compress(
     console.print(render_summary(summary))
     params = summary.get("params", {})
     console.print(f"params: {json.dumps(params)}", highlight=False)
-    if "flops" in summary and isinstance(summary["flops"], dict) and "fvcore_rel_diff" in summary["flops"]:
-        console.print(f"fvcore vs analytic: {100 * summary['flops']['fvcore_rel_diff']:.2f}% apart")
+    check = summary.get("flops", {}).get("compressed", {}).get("check")
+    if check:
+        console.print(f"GMACs analytic {check['analytic_gmacs']:.4f} vs fvcore {check['fvcore_gmacs']:.4f} "
+                      f"({100 * check['rel_diff']:.2f}% apart)", highlight=False)
+    if summary.get("run_dir"):
+        console.print(f"run: {summary['run_dir']}", highlight=False)

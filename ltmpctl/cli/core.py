@@ -54,7 +54,8 @@ def _params_table(params: list[dict[str, Any]]) -> Table:
         table.add_column(header, no_wrap=True)  # short and exact: only the description wraps
     table.add_column("description")
     for p in params:
-        table.add_row(*(escape(str(v)) for v in (p["name"], p["type"], json.dumps(p["default"]), p["description"])))
+        default = "required" if p["required"] else json.dumps(p["default"])  # JSON spelling: --param takes YAML
+        table.add_row(*(escape(str(v)) for v in (p["name"], p["type"], default, p["description"])))
     return table
 
 
@@ -63,9 +64,10 @@ def _plugin_row(name: str, cls: Any, source: str) -> dict[str, Any]:
 
     params = []
     for field_name, info in cls.Params.model_fields.items():
-        default = "required" if info.is_required() else to_jsonable_python(info.get_default(call_default_factory=True))
+        required = info.is_required()
+        default = None if required else to_jsonable_python(info.get_default(call_default_factory=True))
         params.append({"name": field_name, "type": _type_name(info.annotation), "default": default,
-                       "description": info.description or ""})
+                       "required": required, "description": info.description or ""})
     return {"name": name, "source": source, "summary": _summary(cls), "learnable": bool(cls.learnable),
             "data_dependent": bool(cls.data_dependent), "params": params}
 
@@ -273,7 +275,7 @@ class _Target:
     base: Any
     compressed: Any
     images: Any  # (N, C, H, W)
-    source: str  # for the report: "10 demo images (fashion-mnist val)", "16 random images (seed 0)", ...
+    source: str  # for the report, e.g. "16 random images (seed 0; no --data given)"
     data_dependent: bool
 
 
@@ -331,9 +333,8 @@ def _from_name(name: str, compressor: Optional[str], param: list[str], model_kwa
     compressed = ltmpctl.apply(copy.deepcopy(base), compressor, **params) if compressor else None
     cfg = data_config(base, spec)
     data = data if data is not None else (DEMO if name == DEMO else None)
-    if data is None:
-        seed = 0
-        batch, source = random_batch(cfg["input_size"], n, seed), f"{n} random images (seed {seed}; no --data given)"
+    if data is None:  # the same seeded images `bench` times
+        batch, source = random_batch(cfg["input_size"], n, seed=0), f"{n} random images (seed 0; no --data given)"
     else:
         batch, source = _load_images(DataSpec(path=data), cfg, n)
     return _Target(base, compressed, batch, source, bool(cls is not None and cls.data_dependent))
@@ -406,7 +407,8 @@ def _tokens(row: dict[str, Any], part: str, spread: bool) -> str:
     mean = f"{row[f'tokens_{part}']:.1f}"
     if not spread:
         return mean
-    return f"{mean} ({'/'.join(f'{row[k]:g}' for k in (f'tokens_{part}_p10', f'tokens_{part}_p50', f'tokens_{part}_p90'))})"
+    spread_text = "/".join(f"{row[f'tokens_{part}_p{p}']:g}" for p in (10, 50, 90))
+    return f"{mean} ({spread_text})"
 
 
 def _totals_table(doc: dict[str, Any], decimals: int) -> Table:

@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import Sampler
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
 
 import ltmpctl.registry
 
 from ..config import FinetuneStage
-from ..data.loaders import DataSpec, SkippingLoader, build_loader
+from ..data.folder import collate_skipping
+from ..data.loaders import DataSpec, build_loader
 from ..errors import ConfigError
 
 CKPT = "finetune.ckpt"
@@ -35,13 +39,50 @@ class EpochSampler(Sampler[int]):
 
     def __init__(self, n: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world: int = 1) -> None:
         g = torch.Generator().manual_seed(seed * 1009 + epoch)
-        self.indices = torch.randperm(n, generator=g)[rank::world][start:].tolist()
+        perm = torch.randperm(n, generator=g)
+        # Padded to a multiple of `world` (as DistributedSampler does), so every rank has as many batches:
+        # a rank that ran out first would leave the others waiting in DDP's all-reduce for ever.
+        perm = torch.cat([perm, perm[:(-n) % world]])
+        self.indices = perm[rank::world][start:].tolist()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class _LossModel(torch.nn.Module):
+    """The model and its whole training loss in one forward.
+
+    DDP must see every use of a parameter inside forward: the FLOPs term reads the blocks' masks after the
+    model's own forward, which DDP (find_unused_parameters) would otherwise count as a second use.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: FinetuneStage, target: float) -> None:
+        super().__init__()
+        self.model, self.cfg, self.target = model, cfg, target
+        self.comp = ltmpctl.registry.get(model.ltmpctl_compressor)
+
+    def forward(self, images: Tensor, labels: Tensor, t_logits: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        logits = self.model(images)  # (B, classes)
+        if t_logits is not None:
+            task = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits, -1), log_target=True,
+                            reduction="batchmean")
+        else:
+            task = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+        if self.comp.learnable:
+            return self.comp.loss(self.model, task, self.target, self.cfg.lam)
+        return task, torch.tensor(float("nan"))
+
+
+def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    """True on every rank when `flag` is true on any (a rank can't skip a step the others take)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return bool(t.item())
 
 
 @dataclass
@@ -70,6 +111,20 @@ def _trainable(model: torch.nn.Module, cfg: FinetuneStage) -> list[dict[str, Any
     return groups
 
 
+def _rng_state() -> dict[str, Any]:
+    """Every RNG augmentation draws from: torch's, and Python's and NumPy's (timm's crops and RandAugment)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -86,7 +141,7 @@ def finetune(model: torch.nn.Module, teacher: Optional[torch.nn.Module], cfg: Fi
     rank, world = _rank_world()
     loader0, info = build_loader(data, "train", data_config, train=True, batch_size=cfg.batch_size, seed=seed,
                                  augment=cfg.augment)
-    dataset = loader0.dataset
+    dataset, on_skip = loader0.dataset, getattr(loader0, "on_skip")
     per_epoch = math.ceil(len(dataset) / world / cfg.batch_size)  # type: ignore[arg-type]
     total = max(1, math.ceil(cfg.epochs * per_epoch))
     if cfg.max_steps is not None:
@@ -100,9 +155,9 @@ def finetune(model: torch.nn.Module, teacher: Optional[torch.nn.Module], cfg: Fi
         raise ConfigError(f"{comp.name} has nothing to train", "enable stages.finetune.full or disable the stage")
     opt = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum)
     base_lrs = [g["lr"] for g in groups]
-    train_model: torch.nn.Module = model
+    train_model: torch.nn.Module = _LossModel(model, cfg, target)
     if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, find_unused_parameters=True)
 
     ckpt = run_path / CKPT if run_path is not None else None
     step, resumed = 0, None
@@ -110,15 +165,19 @@ def finetune(model: torch.nn.Module, teacher: Optional[torch.nn.Module], cfg: Fi
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["rng"])
+        _set_rng_state(state["rng"])
         step = resumed = int(state["step"])
+
+    # The RNG state as it was when `step` began: a Ctrl-C mid-step lands after that step's batch was loaded and
+    # augmented, and the resumed run loads that batch again.
+    rng_at_step = _rng_state()
 
     def save() -> None:
         if ckpt is None or rank != 0:
             return
         trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         tmp = ckpt.with_name(ckpt.name + ".tmp")
-        torch.save({"model": trainable, "opt": opt.state_dict(), "rng": torch.get_rng_state(), "step": step}, tmp)
+        torch.save({"model": trainable, "opt": opt.state_dict(), "rng": rng_at_step, "step": step}, tmp)
         os.replace(tmp, ckpt)
 
     history: list[dict[str, float]] = []
@@ -130,38 +189,37 @@ def finetune(model: torch.nn.Module, teacher: Optional[torch.nn.Module], cfg: Fi
         while step < total:
             epoch, start = divmod(step, per_epoch)
             sampler = EpochSampler(len(dataset), seed, epoch, start * cfg.batch_size, rank, world)  # type: ignore
-            loader = SkippingLoader(dataset, on_skip=getattr(loader0, "on_skip"), batch_size=cfg.batch_size,
-                                    sampler=sampler, num_workers=data.workers,
-                                    # its own generator: creating an iterator must not draw from the global
-                                    # RNG that augmentation uses, or a resumed run would diverge
-                                    generator=torch.Generator().manual_seed(seed * 1009 + epoch))
-            for images, labels in loader:
+            # Batches of only unreadable images still come out (images None), so step == batch position: a
+            # resumed run starts at the right batch, and an epoch ending in unreadable images still ends.
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=data.workers,
+                                collate_fn=collate_skipping,
+                                # its own generator: creating an iterator must not draw from the global
+                                # RNG that augmentation uses, or a resumed run would diverge
+                                generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+            for images, labels, skipped in loader:
                 if step >= total:
                     break
-                images, labels = images.to(device), labels.to(device)
-                scale = 0.5 * (1 + math.cos(math.pi * step / total))  # cosine schedule, no warm-up (paper)
-                for g, lr in zip(opt.param_groups, base_lrs):
-                    g["lr"] = lr * scale
-                logits = train_model(images)
-                if cfg.distill:
-                    with torch.no_grad():
-                        t_logits = teacher(images)  # type: ignore[misc]
-                    task = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits, -1), log_target=True,
-                                    reduction="batchmean")
-                else:
-                    task = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-                if comp.learnable:
-                    loss, ratio = comp.loss(model, task, target, cfg.lam)
-                else:
-                    loss, ratio = task, torch.tensor(float("nan"))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if comp.learnable:
-                    comp.clamp_(model)
+                for item in skipped:
+                    on_skip(item)
+                if not _any_rank(images is None, device, world):
+                    scale = 0.5 * (1 + math.cos(math.pi * step / total))  # cosine schedule, no warm-up (paper)
+                    for g, lr in zip(opt.param_groups, base_lrs):
+                        g["lr"] = lr * scale
+                    images, labels = images.to(device), labels.to(device)
+                    t_logits = None
+                    if cfg.distill:
+                        with torch.no_grad():
+                            t_logits = teacher(images)  # type: ignore[misc]
+                    loss, ratio = train_model(images, labels, t_logits)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if comp.learnable:
+                        comp.clamp_(model)
+                    loss_v, ratio_v = float(loss.detach()), float(ratio.detach())
+                    history.append({"step": step + 1, "loss": loss_v, "flops_ratio": ratio_v})
                 step += 1
-                loss_v, ratio_v = float(loss.detach()), float(ratio.detach())
-                history.append({"step": step, "loss": loss_v, "flops_ratio": ratio_v})
+                pass
                 if progress is not None:
                     progress(step, total, {"loss": loss_v, "flops_ratio": ratio_v})
                 if step % cfg.checkpoint_every == 0:
