@@ -129,8 +129,9 @@ def _base_tree(spec: CompareSpec) -> dict[str, Any]:
 
 def check_bench(spec: CompareSpec) -> None:
     """Benchmark sizes are checked up front: finding them wrong after an hour of compressing helps nobody."""
-    if spec.batch < 1 or (spec.warmup is not None and spec.warmup < 0) or (spec.repeats is not None
-                                                                          and spec.repeats < 1):
+    bad_warmup = spec.warmup is not None and spec.warmup < 0
+    bad_repeats = spec.repeats is not None and spec.repeats < 1
+    if spec.batch < 1 or bad_warmup or bad_repeats:
         raise ConfigError(f"bad benchmark sizes: batch={spec.batch}, warmup={spec.warmup}, repeats={spec.repeats}",
                           "--batch and --repeats must be >= 1, --warmup >= 0")
 

@@ -260,17 +260,17 @@ def _put(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
         node = child
     last = path[-1]
     if isinstance(value, dict) and isinstance(node.get(last), dict):
-        node[last] = _merge(node[last], value)
+        node[last] = deep_merge(node[last], value)
     else:
         node[last] = value
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """Deep merge: `top` wins; nested mappings merge key by key."""
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -282,7 +282,7 @@ def _merge_layer(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     if (isinstance(comp_top, dict) and isinstance(comp_base, dict) and "params" not in comp_top
             and comp_top.get("name", comp_base.get("name")) != comp_base.get("name")):
         base = {**base, "compressor": {k: v for k, v in comp_base.items() if k != "params"}}
-    return _merge(base, top)
+    return deep_merge(base, top)
 
 
 def _schema_check(path: list[str]) -> None:

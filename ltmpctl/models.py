@@ -64,7 +64,7 @@ def list_vits(pattern: str | None = None) -> list[str]:
     return names
 
 
-def parse_kwargs(items: list[str]) -> dict[str, Any]:
+def parse_kwargs(items: list[str], what: str = "--model-kwargs") -> dict[str, Any]:
     """`key=value` strings -> dict, values parsed as YAML scalars/lists (never eval'd), like timm's train.py."""
     import yaml
 
@@ -72,11 +72,11 @@ def parse_kwargs(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"bad model kwarg {item!r}", "write key=value, e.g. img_size=32")
+            raise ConfigError(f"bad {what} item {item!r}", "write key=value, e.g. img_size=32 or r=13")
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise ConfigError(f"bad value in model kwarg {item!r}", "use a number, string, bool or [list]") from None
+            raise ConfigError(f"bad value in {what} item {item!r}", "use a number, string, bool or [list]") from None
     return out
 
 

@@ -22,7 +22,7 @@ import ltmpctl.registry
 
 from . import models
 from .config import Recipe, dump
-from .data.loaders import DataSpec, build_loader
+from .data.loaders import DataSpec, SkippingLoader, build_loader
 from .errors import ConfigError
 from .rundir import SUMMARY, RunDir
 from .stages.calibrate import calibrate
@@ -107,7 +107,9 @@ def _evaluate_both(ctx: Context, base: torch.nn.Module, compressed: torch.nn.Mod
     results = {}
     for label, model in (("base", base), ("compressed", compressed)):
         loader, info = build_loader(spec, "val", data_config, train=False, batch_size=cfg.batch_size,
-                                    limit=cfg.images, seed=ctx.recipe.seed, distributed=ctx.world > 1)
+                                    limit=cfg.images, seed=ctx.recipe.seed)
+        if ctx.world > 1:
+            loader = _shard(loader, ctx.rank, ctx.world)
         total, done = info.num_images, 0
 
         def tick(k: int, label: str = label, total: int = total) -> None:
@@ -125,6 +127,14 @@ def _evaluate_both(ctx: Context, base: torch.nn.Module, compressed: torch.nn.Mod
     base_r, comp_r = results["base"], results["compressed"]
     ctx.write(base=base_r, compressed=comp_r, flops_ratio=comp_r["gmacs"] / base_r["gmacs"],
               tokens_per_block=comp_r["tokens_per_block"])
+
+
+def _shard(loader: SkippingLoader, rank: int, world: int) -> SkippingLoader:
+    """This rank's images of an evaluation loader: every world-th from `rank`, none twice (DistributedSampler
+    pads with repeats, which would count some images twice; evaluation needs no equal shards)."""
+    return SkippingLoader(loader.dataset, on_skip=loader.on_skip, batch_size=loader.batch_size,
+                          sampler=range(rank, len(loader.dataset), world),  # type: ignore[arg-type]
+                          num_workers=loader.num_workers)
 
 
 def _gather_eval(results: dict) -> dict:

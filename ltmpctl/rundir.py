@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Union
 
+from .config import deep_merge
 from .errors import ConfigError
 
 RUNS_ROOT = Path("runs")
@@ -55,16 +56,6 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def _one_line(e: BaseException) -> str:
@@ -171,20 +162,7 @@ class RunDir:
 
     def write_bytes(self, name: str, data: bytes) -> Path:
         """Write `name` atomically: readers see the old file or the new one, never a partial one."""
-        dest = self.file(name)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(dest.parent)
-        return dest
+        return atomic_write(self.file(name), data)
 
     def write_text(self, name: str, text: str) -> Path:
         return self.write_bytes(name, text.encode("utf-8"))
@@ -206,7 +184,7 @@ class RunDir:
 
     def update_summary(self, **sections: Any) -> dict[str, Any]:
         """Deep-merge `sections` into summary.json and rewrite it whole; returns the new summary."""
-        summary = _deep_merge(self.read_summary(), sections)
+        summary = deep_merge(self.read_summary(), sections)
         self.write_json(SUMMARY, summary)
         return summary
 
@@ -304,6 +282,23 @@ class RunDir:
             raise
         self.set_state("complete")
         self.log_line("run complete")
+
+
+def atomic_write(path: Path, data: bytes) -> Path:
+    """Write `path` through a temporary file in its directory, fsync, os.replace: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
 
 
 def _version(dist: str) -> Optional[str]:

@@ -130,8 +130,8 @@ class LTMP(Compressor):
     @staticmethod
     def thresholds(model: torch.nn.Module) -> dict[str, list[float]]:
         return {
-            "merge_threshold": [float(b.merge_threshold) for b in model.blocks],
-            "prune_threshold": [float(b.prune_threshold) for b in model.blocks],
+            "merge_threshold": [float(b.merge_threshold.detach()) for b in model.blocks],
+            "prune_threshold": [float(b.prune_threshold.detach()) for b in model.blocks],
         }
 
     @staticmethod

@@ -15,6 +15,7 @@ from ltmpctl.cli import app
 from ltmpctl.cli._app import main
 from ltmpctl.errors import ConfigError, PluginError
 from ltmpctl.report import pareto_front
+from ltmpctl.rundir import RunDir
 
 MODEL = "vit_tiny_patch16_224"
 # 28x28 grayscale, patch 7 -> 16 patch tokens + class token, width 32, depth 2: milliseconds per forward.
@@ -135,6 +136,23 @@ def test_cli_json_reuses_runs(setup: dict, first: dict, monkeypatch: pytest.Monk
                                      "--recipe", str(setup["recipe"]), "--out", str(setup["out"])])
     assert table.exit_code == 0, table.output
     assert "speedup" in table.stdout and "base" in table.stdout
+
+
+def test_interrupted_run_is_resumed_in_place(setup: dict, first: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = RunDir(setup["out"] / "runs" / "tome-0.7")
+    run.set_state("interrupted", "interrupted by the user")
+    calls = []
+
+    def fake_compress(recipe, hooks=None, resume=None):
+        calls.append((recipe.out, resume))
+        RunDir(resume).set_state("complete")  # its summary and model are still the first compare's
+
+    monkeypatch.setattr(cmp, "run_compress", fake_compress)
+    doc = cmp.compare(_spec(setup, compressors=["tome"], targets=[0.7]))
+    assert calls == [(str(run.path), run.path)]
+    assert [(r["run_dir"], r["reused"]) for r in doc["rows"]] == [(str(run.path), False)]
+    assert sorted(p.name for p in (setup["out"] / "runs").iterdir()) == ["ltmp-0.5", "ltmp-0.7", "tome-0.5",
+                                                                         "tome-0.7"]
 
 
 @pytest.mark.parametrize("text, message", [

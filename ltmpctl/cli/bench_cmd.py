@@ -51,22 +51,6 @@ class _Opts:
     device: str
 
 
-def _parse_kv(items: list[str], what: str) -> dict[str, Any]:
-    """`k=v` items -> dict; values are YAML scalars/lists (`r=13`, `keep_rate=[0.7, 0.5]`), never eval'd."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"bad {what} {item!r}", "write key=value, e.g. r=13")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"bad value in {what} {item!r}", "use a number, string, bool or [list]") from None
-    return out
-
-
 def _parse_shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
     if text is None:
         return None
@@ -337,7 +321,7 @@ def bench_cmd(
         if adb is not None:
             raise ConfigError("--adb runs exported files", "export with `ltmpctl export`, then bench the .pte/.onnx")
         rows, extra = _bench_model_target(kind, obj, backend, opts, compressor=compressor,
-                                          params=_parse_kv(param, "--param"),
+                                          params=parse_kwargs(param, "--param"),
                                           kwargs=parse_kwargs(model_kwargs), checkpoint=checkpoint,
                                           pretrained=pretrained, input_size=size)
         header.update(extra)

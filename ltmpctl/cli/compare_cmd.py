@@ -30,8 +30,10 @@ def render_compare(doc: dict[str, Any]) -> Table:
     rows = [_cells(r) for r in [doc["base"], *doc["rows"]]]
     headers = ("compressor", "target", "FLOPs ratio", "GMACs", "top-1 %", "delta top-1", "p50 ms", "speedup")
     for i, header in enumerate(headers):
-        # On a narrow terminal the headers wrap; the cells keep their full width and are never cut.
-        t.add_column(header, justify="left" if i == 0 else "right", min_width=max(len(row[i]) for row in rows))
+        # On a narrow terminal the number headers wrap; cells and the first header keep their full width.
+        widest = max(len(row[i]) for row in rows)
+        t.add_column(header, justify="left" if i == 0 else "right",
+                     min_width=max(widest, len(header)) if i == 0 else widest)
     for row in rows:
         t.add_row(*row)
     return t

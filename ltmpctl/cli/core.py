@@ -321,9 +321,8 @@ def _from_name(name: str, compressor: Optional[str], param: list[str], model_kwa
     from ..data.loaders import DataSpec
     from ..models import DEMO, ModelSpec, create, data_config, parse_kwargs
     from ..registry import get
-    from .bench_cmd import _parse_kv
 
-    params = _parse_kv(param, "--param")
+    params = parse_kwargs(param, "--param")
     if params and not compressor:
         raise ConfigError("--param needs --compressor", "e.g. --compressor tome --param r=8")
     cls = get(compressor) if compressor else None  # an unknown name fails before the model is built

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, ExportError
+from ..rundir import atomic_write
 from . import mobile, onnx, torchscript
 from .verify import (MAX_BATCH, MIN_IMAGES, TOLERANCE, Reference, Verification, check_images, compare,
                      is_data_dependent, reference)
@@ -177,7 +178,7 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
     records = [r for r in _read_records(path) if r.get("format") != record["format"]] + [record]
     order = list(FORMATS)
     records.sort(key=lambda r: order.index(r["format"]) if r.get("format") in order else len(order))
-    _atomic_write_text(path, json.dumps(records, indent=2) + "\n")
+    atomic_write(path, (json.dumps(records, indent=2) + "\n").encode("utf-8"))
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
@@ -186,15 +187,6 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     except (OSError, ValueError):
         return []  # none yet, or unreadable: this export rewrites it
     return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _temp_path(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _temp_path(dest: Path) -> Path:

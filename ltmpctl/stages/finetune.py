@@ -4,9 +4,11 @@ Loss = task loss + lam * (flops_ratio - target)^2, task loss = label-smoothed cr
 the KL divergence to the uncompressed model's logits (so unlabeled images suffice). Only the thresholds learn
 (SGD, lr_merge / lr_prune, cosine schedule) unless `full`, which also trains the weights at `lr`.
 
-Resumable: every `checkpoint_every` steps (and on Ctrl-C) the trainable state, optimiser, step and RNG state go to
+Resumable: every `checkpoint_every` steps (and on Ctrl-C) the trainable state, optimiser, step and the RNG states
+(torch, Python, NumPy: augmentation draws from all three) as they were when that step began go to
 `<run>/finetune.ckpt`. The data order is a seeded permutation per epoch, so a resumed run skips the batches
-already seen without loading them and reaches the same thresholds as an uninterrupted run.
+already seen without loading them and reaches the same thresholds as an uninterrupted run (with `workers: 0`;
+worker processes seed their own augmentation per epoch, so their draws after a mid-epoch resume differ).
 """
 from __future__ import annotations
 
@@ -219,7 +221,7 @@ def finetune(model: torch.nn.Module, teacher: Optional[torch.nn.Module], cfg: Fi
                     loss_v, ratio_v = float(loss.detach()), float(ratio.detach())
                     history.append({"step": step + 1, "loss": loss_v, "flops_ratio": ratio_v})
                 step += 1
-                pass
+                rng_at_step = _rng_state()
                 if progress is not None:
                     progress(step, total, {"loss": loss_v, "flops_ratio": ratio_v})
                 if step % cfg.checkpoint_every == 0:
