@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--warmup-epochs", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-after-epoch", type=int, default=None,
+                   help="write the checkpoint after this epoch of the --epochs schedule (resumes from <out>.ckpt)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("demo_vit.safetensors"))
     args = p.parse_args()
 
@@ -92,7 +94,8 @@ def main() -> None:
         start_epoch = ck["epoch"]
         print(f"resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
 
-    for epoch in range(start_epoch, args.epochs):
+    last = args.epochs if args.stop_after_epoch is None else min(args.epochs, args.stop_after_epoch)
+    for epoch in range(start_epoch, last):
         model.train()
         t0 = time.time()
         perm = torch.randperm(len(y_train), generator=gen)
@@ -121,7 +124,8 @@ def main() -> None:
     tmp = args.out.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"description": "ViT self-trained on Fashion-MNIST by ltmpctl.demo.train",
                                          "test_top1": f"{evaluate(model, x_test, y_test):.4f}",
-                                         "epochs": str(args.epochs), "seed": str(args.seed)})
+                                         "epochs": f"{max(start_epoch, last)} of a {args.epochs}-epoch schedule",
+                                         "seed": str(args.seed)})
     os.replace(tmp, args.out)
     print(f"wrote {args.out}", flush=True)
 
