@@ -25,7 +25,7 @@ from .config import Recipe, dump
 from .data.loaders import DataSpec, SkippingLoader, build_loader
 from .errors import ConfigError
 from .rundir import SUMMARY, RunDir
-from .stages.calibrate import calibrate
+from .stages.calibrate import calibrate, recalibrate
 from .stages.evaluate import evaluate
 from .stages.finetune import CKPT, finetune
 
@@ -218,6 +218,15 @@ def _stages(ctx: Context, base: torch.nn.Module, mspec: models.ModelSpec, dspec:
                           lambda d, t, info: hooks.progress("finetune", d, t, info))
         if comp.learnable and hasattr(comp, "thresholds"):
             params = {**params, **comp.thresholds(compressed)}
+            if st.calibrate.enabled and comp.name == "ltmp":
+                images = train_images(dspec, data_config, st.calibrate.images, recipe.seed).to(ctx.device)
+                cal = recalibrate(base, params, recipe.target, images, st.calibrate.tolerance,
+                                  st.calibrate.max_iters)
+                ctx.write(recalibration={"flops_ratio": cal.flops_ratio, "iterations": cal.iterations,
+                                         "searched": cal.knob})
+                hooks.log(f"recalibrated {cal.knob}: FLOPs ratio {cal.flops_ratio:.3f}")
+                params = cal.params
+                compressed = ltmpctl.apply(compressed, comp.name, **params)
         ctx.write(params=params, finetune={"steps": result.steps, "final_loss": result.final_loss,
                                            "final_train_flops_ratio": result.final_ratio,
                                            "resumed_from_step": result.resumed_from,

@@ -42,11 +42,11 @@ def ltmp_params(strength: float, tokens: int) -> dict[str, Any]:
             "prune_threshold": round(strength * PRUNE_SPAN / tokens, 8)}
 
 
-def _bisect(ratio_of: Callable[[float], float], target: float, tol: float, iters: int
-            ) -> tuple[float, float, int]:
-    """Knob in [0, 1] with ratio_of(knob) closest to target; ratio_of is non-increasing in the knob."""
-    lo, hi = 0.0, 1.0
-    best_k, best_r = 0.0, ratio_of(0.0)
+def _bisect(ratio_of: Callable[[float], float], target: float, tol: float, iters: int, lo: float = 0.0,
+            hi: float = 1.0) -> tuple[float, float, int]:
+    """Knob in [lo, hi] with ratio_of(knob) closest to target; ratio_of is non-increasing in the knob."""
+    start = 0.0 if lo <= 0.0 <= hi else lo
+    best_k, best_r = start, ratio_of(start)
     n = 1
     while n < iters and abs(best_r - target) > tol:
         mid = (lo + hi) / 2
@@ -84,6 +84,31 @@ def calibrate(base: torch.nn.Module, compressor: str, params: dict[str, Any], ta
 
     raise ConfigError(f"calibration does not know compressor {compressor!r}",
                       "disable stages.calibrate and give its params in the recipe")
+
+
+def shifted(params: dict[str, Any], shift: float, tokens: int) -> dict[str, Any]:
+    """LTMP per-block thresholds all moved by one shared amount, in the calibration knob's units, kept in [0, 1]."""
+    clamp = lambda v: min(1.0, max(0.0, v))  # noqa: E731
+    return {**params,
+            "merge_threshold": [clamp(m - shift * MERGE_SPAN) for m in params["merge_threshold"]],
+            "prune_threshold": [clamp(p + shift * PRUNE_SPAN / tokens) for p in params["prune_threshold"]]}
+
+
+def recalibrate(base: torch.nn.Module, params: dict[str, Any], target: float, images: torch.Tensor,
+                tolerance: float, max_iters: int) -> Calibration:
+    """After fine-tuning, move LTMP's learned per-block thresholds together until eval FLOPs hit the target.
+
+    Fine-tuning learns how the thresholds relate across blocks, but its FLOPs term sees train-mode masks (tokens
+    kept in the tensor, importance averaged over every row, as the reference trains), and a short fine-tune can
+    end away from the target; the inference model is what `--target` promises, so its budget is restored here.
+    """
+    tokens = vit_shape(base).tokens
+
+    def ratio_of(shift: float) -> float:
+        return measured_ratio(ltmpctl.apply(copy.deepcopy(base), "ltmp", **shifted(params, shift, tokens)), images)
+
+    k, r, n = _bisect(ratio_of, target, tolerance, max_iters, lo=-1.0, hi=1.0)
+    return Calibration(shifted(params, k, tokens), r, n, f"shared shift {k:+.4f} of the learned thresholds")
 
 
 def _calibrate_tome(ratio_with: Callable[[dict[str, Any]], float], depth: int, patches: int, target: float
