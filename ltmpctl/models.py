@@ -134,6 +134,16 @@ def create(spec: ModelSpec) -> torch.nn.Module:
     return model.eval()
 
 
+def patch_input_size(model: torch.nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) read off the patch embedding (where an img_size / in_chans given at creation lives), if any."""
+    pe = getattr(model, "patch_embed", None)
+    img = getattr(pe, "img_size", None)
+    proj = getattr(pe, "proj", None)
+    if img is None or not isinstance(proj, torch.nn.Conv2d):
+        return None
+    return int(proj.in_channels), int(img[0]), int(img[1])
+
+
 def data_config(model: torch.nn.Module, spec: ModelSpec) -> dict[str, Any]:
     """timm's data config of the model (resolution, mean/std, interpolation, crop); the demo's own for `demo`."""
     if spec.name == DEMO:
@@ -144,11 +154,7 @@ def data_config(model: torch.nn.Module, spec: ModelSpec) -> dict[str, Any]:
 
     cfg = timm.data.resolve_data_config({}, model=model)
     # timm reports the pretrained config's resolution; an img_size / in_chans given at creation lives on the model.
-    pe = getattr(model, "patch_embed", None)
-    img = getattr(pe, "img_size", None)
-    proj = getattr(pe, "proj", None)
-    if img is not None and isinstance(proj, torch.nn.Conv2d):
-        cfg["input_size"] = (int(proj.in_channels), int(img[0]), int(img[1]))
+    cfg["input_size"] = patch_input_size(model) or cfg["input_size"]
     return cfg
 
 

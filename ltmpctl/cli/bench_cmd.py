@@ -110,22 +110,11 @@ def _build_models(name: str, compressor: Optional[str], params: dict[str, Any], 
 
     spec = ModelSpec(name, pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None, kwargs=kwargs)
     base = create(spec)
-    input_size = _input_size(base, data_config(base, spec)["input_size"])
+    input_size = tuple(data_config(base, spec)["input_size"])
     compressed = None
     if compressor:
         compressed = ltmpctl.apply(copy.deepcopy(base), compressor, **params)
     return base, compressed, input_size
-
-
-def _input_size(model: Any, configured: Any) -> tuple[int, ...]:
-    """(C, H, W) the model takes: timm's data config describes the pretrained config, so an `img_size` passed to
-    create_model is read back off the patch embedding instead."""
-    size = tuple(int(v) for v in configured)
-    pe = getattr(model, "patch_embed", None)
-    img = getattr(pe, "img_size", None)
-    if img is not None and len(size) == 3:
-        return (int(pe.proj.in_channels), int(img[0]), int(img[1]))
-    return size
 
 
 def _load_run(run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:

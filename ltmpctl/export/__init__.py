@@ -248,11 +248,11 @@ def _load_run(run: Path) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, An
 def model_image_shape(model: torch.nn.Module, input_size: Any = None) -> tuple[int, int, int]:
     """(C, H, W) the model takes. The patch embedding knows it even when `img_size` was overridden at creation
     (a run's data config describes the pretrained default); the run's input size is the fallback."""
-    patch_embed = getattr(model, "patch_embed", None)
-    img = getattr(patch_embed, "img_size", None)
-    proj = getattr(patch_embed, "proj", None)
-    if img is not None and proj is not None and hasattr(proj, "in_channels"):
-        return int(proj.in_channels), int(img[0]), int(img[1])
+    from ..models import patch_input_size
+
+    shape = patch_input_size(model)
+    if shape is not None:
+        return shape
     if input_size is None:
         raise ConfigError("can't tell the model's input size", "the run's info needs an input_size")
     return image_shape(input_size)
