@@ -125,6 +125,15 @@ def split_ab(t: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
     return t[:, first_even::2], t[:, first_odd::2]
 
 
+def _check_nonempty(na: int, nb: int) -> None:
+    """Tell torch.export what compaction guarantees (>= 1 token in A and in B), so that it and ExecuTorch can
+    order the strides of (B, NA, NB) tensors whose sizes are data-dependent. Plain ints pass trivially."""
+    torch._check(na >= 1)
+    torch._check(nb >= 1)
+    torch._check(na * nb >= nb)
+    torch._check(na * nb >= na)
+
+
 def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Each A token's most similar B token by cosine similarity of `metric`: (node_max, node_idx), (B, NA) each.
 
@@ -135,22 +144,39 @@ def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor]) -> tuple[Tens
     if mask is not None and mask.dtype != torch.bool:
         metric = metric * mask[..., None].detach()
     a, b = split_ab(metric, num_prefix)
+    if not torch.jit.is_tracing():
+        _check_nonempty(a.shape[1], b.shape[1])
     scores = a @ b.transpose(-1, -2)  # (B, NA, NB)
     if mask is not None and mask.dtype == torch.bool:
         mask_a, mask_b = split_ab(mask, num_prefix)
         valid = mask_a[:, :, None] & mask_b[:, None, :]
         scores = scores.masked_fill(~valid, -math.inf)
-    # An extra -inf column keeps the max defined when no B token is left (a single non-prefix token), without a
-    # Python branch on a data-dependent size: export can't guard on one and tracing would bake it. A row with no
-    # valid partner gets -inf (never merged); the clamp keeps its index in range for the scatter that follows.
-    node_max, node_idx = F.pad(scores, (0, 1), value=-math.inf).max(dim=-1)
-    return node_max, node_idx.clamp_max(b.shape[1] - 1)
+    # Every caller leaves at least one token on each side (compact's min_tokens), so the max is defined.
+    node_max, node_idx = scores.max(dim=-1)
+    return node_max, node_idx
 
 
-def scatter_merge(dst: Tensor, node_idx: Tensor, src: Tensor, reduce: str = "sum") -> Tensor:
-    """dst[b, node_idx[b, i]] (reduce)= src[b, i]; dst (B, NB, *), node_idx (B, NA), src (B, NA, *)."""
+def scatter_merge(dst: Tensor, node_idx: Tensor, src: Tensor) -> Tensor:
+    """dst[b, node_idx[b, i]] += src[b, i]; dst (B, NB, *), node_idx (B, NA), src (B, NA, *)."""
+    # scatter_add, not scatter_reduce: ExecuTorch's portable kernels (the mobile export) have only the former.
     idx = node_idx.reshape(node_idx.shape + (1,) * (src.dim() - 2)).expand(src.shape)
-    return dst.scatter_reduce(1, idx, src, reduce=reduce)
+    return dst.scatter_add(1, idx, src)
+
+
+def scatter_amax(dst: Tensor, node_idx: Tensor, src: Tensor) -> Tensor:
+    """dst[b, j] = max(dst[b, j], src[b, i] for every i with node_idx[b, i] == j); dst (B, NB), src (B, NA).
+
+    Dense over (B, NA, NB), like the similarity scores it follows, because no runtime we export to has a
+    scatter-max kernel that all of them share. dst itself is one of the candidates, so NA = 0 is fine.
+    """
+    hit = node_idx[:, :, None] == torch.arange(dst.shape[1], device=dst.device)  # (B, NA, NB)
+    cand = torch.where(hit, src[:, :, None], -math.inf)
+    return torch.cat([dst[:, None, :], cand], dim=1).amax(dim=1)
+
+
+def ascending(t: Tensor) -> Tensor:
+    """`t` sorted along its last dimension. topk, because ExecuTorch's portable kernels have topk but no sort."""
+    return t.topk(t.shape[-1], dim=-1, largest=False).values
 
 
 def threshold_mask(values: Tensor, threshold: Tensor, tau: float) -> Tensor:
@@ -162,22 +188,27 @@ def threshold_mask(values: Tensor, threshold: Tensor, tau: float) -> Tensor:
     return soft + (hard - soft).detach()
 
 
-def compact(keep: Tensor, *tensors: Tensor) -> tuple[Tensor, list[Tensor]]:
+def compact(keep: Tensor, *tensors: Tensor, min_tokens: int = 1) -> tuple[Tensor, list[Tensor]]:
     """Move each image's kept tokens to the front (order preserved) and cut the padding all images share.
 
     keep (B, N) bool. Returns the new padding mask (B, N') and the gathered tensors (B, N', *). N' is the
-    largest count in the batch; at batch 1 nothing is padded and this is plain boolean indexing.
+    largest count in the batch, but at least `min_tokens` (padding then fills up to it; callers pass the prefix
+    length + 2 so the A/B split of the next block always has a token on each side, which torch.export must
+    know to slice with a data-dependent length). At batch 1 nothing else is padded.
     """
     N = keep.shape[1]
     counts = keep.sum(dim=1)  # (B,)
     pos = torch.arange(N, device=keep.device)
     # N' stays a tensor shape (nonzero + index_select), never a Python int: torch.jit.trace and the legacy ONNX
     # exporter would bake an int in as the example's count; this way exported graphs drop tokens per input.
-    cols = torch.nonzero(pos < counts.max()).squeeze(1)  # (N',) = 0 .. N'-1
+    cols = torch.nonzero(pos < counts.max().clamp_min(min_tokens)).reshape(-1)  # (N',) = 0 .. N'-1
     if not torch.jit.is_tracing():
-        torch._check(cols.shape[0] > 0)  # prefix tokens are always kept; torch.export needs to know N' >= 1
-    # Unique sort keys (kept first, then position) make any sort order-preserving: no stable-sort needed.
-    order = torch.argsort((~keep).to(torch.int64) * N + pos, dim=1).index_select(1, cols)  # (B, N')
+        torch._check(cols.shape[0] >= min_tokens)  # what torch.export can't infer from nonzero by itself
+    # Where each token goes: kept ones to the front, the others behind them, both in their order. That is a
+    # permutation, so scattering positions through it gives the gather order (no sort: ExecuTorch has none).
+    k = keep.to(torch.int64)
+    dest = torch.where(keep, k.cumsum(1) - 1, counts[:, None] + (1 - k).cumsum(1) - 1)  # (B, N)
+    order = torch.zeros_like(dest).scatter(1, dest, pos.expand_as(dest)).index_select(1, cols)  # (B, N')
     out = []
     for t in tensors:
         idx = order.reshape(order.shape + (1,) * (t.dim() - 2)).expand((-1, -1) + t.shape[2:])

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ltmpctl.compressor import Compressor, Params, TokenBlock, per_block
 from ltmpctl.flops import base_macs, model_macs, vit_shape
-from ltmpctl.tokens import AttentionOut, compact, match, scatter_merge, split_ab, threshold_mask
+from ltmpctl.tokens import AttentionOut, compact, match, scatter_amax, scatter_merge, split_ab, threshold_mask
 
 Thresholds = Union[float, list[float]]
 
@@ -73,7 +73,7 @@ class LTMPBlock(TokenBlock):
         src_imp, dst_imp = split_ab(a.importance, P)
         dst_x = scatter_merge(dst_x, node_idx, src_x * w[..., None])
         dst_s = scatter_merge(dst_s, node_idx, src_s * w[..., None])
-        dst_imp = scatter_merge(dst_imp, node_idx, src_imp * w, reduce="amax")
+        dst_imp = scatter_amax(dst_imp, node_idx, src_imp * w)
         size = torch.cat([size[:, :P], src_s, dst_s], dim=1)
         x = torch.cat([xs[:, :P], src_x, dst_x], dim=1) / size
         mask = torch.cat([mask[:, :P], unm, dst_m], dim=1)
@@ -95,7 +95,7 @@ class LTMPBlock(TokenBlock):
         (src_imp, dst_imp), (src_m, dst_m) = split_ab(a.importance, P), split_ab(mask, P)
         dst_x = scatter_merge(dst_x, node_idx, src_x * w)
         dst_s = scatter_merge(dst_s, node_idx, src_s * w)
-        dst_imp = scatter_merge(dst_imp, node_idx, src_imp.masked_fill(~merge, -math.inf), reduce="amax")
+        dst_imp = scatter_amax(dst_imp, node_idx, src_imp.masked_fill(~merge, -math.inf))
         # Candidates in the reference's order: prefix, unmerged A, B (merged into).
         cand_imp = torch.cat([a.importance[:, :P], src_imp, dst_imp], dim=1)
         alive = torch.cat([mask[:, :P], src_m & ~merge, dst_m], dim=1)
@@ -104,6 +104,7 @@ class LTMPBlock(TokenBlock):
             keep,
             torch.cat([xs[:, :P], src_x, dst_x], dim=1),
             torch.cat([size[:, :P], src_s, dst_s], dim=1),
+            min_tokens=P + 2,
         )
         return xs / size, size, mask
 

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from ltmpctl.compressor import Compressor, Params, TokenBlock, per_block
-from ltmpctl.tokens import AttentionOut, match, scatter_merge, split_ab
+from ltmpctl.tokens import AttentionOut, ascending, match, scatter_merge, split_ab
 
 
 def parse_r(depth: int, r: int, inflect: float) -> list[int]:
@@ -55,9 +55,9 @@ class ToMeBlock(TokenBlock):
         if r <= 0:
             return x, size, mask
         node_max, node_idx = match(a.metric, P, None)  # (B, NA)
-        edge_idx = node_max.argsort(dim=-1, descending=True)
+        edge_idx = node_max.topk(node_max.shape[1], dim=-1).indices  # most similar first (argsort, portably)
         src_idx = edge_idx[:, :r]  # the r most similar A tokens are merged
-        unm_idx = edge_idx[:, r:].sort(dim=-1).values  # the rest keep their order
+        unm_idx = ascending(edge_idx[:, r:])  # the rest keep their order
         dst_idx = node_idx.gather(1, src_idx)
 
         xs = x * size

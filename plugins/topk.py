@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from ltmpctl.compressor import Compressor, Params, TokenBlock, per_block
-from ltmpctl.tokens import AttentionOut
+from ltmpctl.tokens import AttentionOut, ascending
 
 
 class TopKParams(Params):
@@ -43,7 +43,7 @@ class TopKBlock(TokenBlock):
         if keep >= N - P:
             return x, size, mask
         imp = a.importance[:, P:]  # (B, N - P)
-        top = imp.topk(keep, dim=1).indices.sort(dim=1).values  # spatial order kept
+        top = ascending(imp.topk(keep, dim=1).indices)  # spatial order kept
         gather = lambda t, i: t.gather(1, i[..., None].expand(i.shape + t.shape[2:]))  # noqa: E731
         kept_x = gather(x[:, P:], top)
         kept_s = gather(size[:, P:], top)

@@ -64,13 +64,18 @@ def test_ltmp_batched_equals_batch1_with_different_counts(images):
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
 
 
-def test_ltmp_eval_really_removes_tokens(images):
-    model = ltmpctl.apply(tiny_vit(), "ltmp", merge_threshold=0.4, prune_threshold=0.02)
+@pytest.mark.parametrize("prune", [0.01, 0.02])
+def test_ltmp_eval_really_removes_tokens(images, prune):
+    model = ltmpctl.apply(tiny_vit(), "ltmp", merge_threshold=0.4, prune_threshold=prune)
     shapes = []
     model.blocks[-1].mlp.fc1.register_forward_hook(lambda m, i, o: shapes.append(i[0].shape[1]))
     with torch.no_grad():
         model(images[:1])
-    assert shapes[0] == int(ltmpctl.token_counts(model)[0, -1, 1]) < 65
+    kept = int(ltmpctl.token_counts(model)[0, -1, 1])
+    # Batch 1 runs exactly the kept tokens, but never fewer than class token + one A and one B token (padding):
+    # compaction keeps that floor so exported graphs can always split A/B (prune 0.02 keeps the class token only).
+    assert shapes[0] == max(kept, 3) < 65
+    assert (kept > 3) if prune == 0.01 else (kept == 1)
 
 
 def test_ltmp_train_mode_learns_thresholds(images):

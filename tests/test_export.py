@@ -151,6 +151,54 @@ def test_uncompressed_torchscript(tmp_path, images, example):
     assert record["passed"] and record["tokens_min"] == record["tokens_max"] == 17 and record["compressor"] is None
 
 
+# ---- mobile: ExecuTorch .pte with XNNPACK (the optional `mobile` extra; CI installs it) ---------------------------
+
+MOBILE = {"ltmp": LTMP, **STATIC}
+
+
+@pytest.fixture(scope="module")
+def mobile_exports(tmp_path_factory, images, example):
+    pytest.importorskip("executorch", reason="pip install 'ltmpctl[mobile]'")
+    out = {}
+    for name, params in MOBILE.items():
+        d = tmp_path_factory.mktemp(f"mobile_{name}")
+        model = tiny(name, **params)
+        out[name] = (model, d, export_model(model, "mobile", d, example, images))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(MOBILE))
+def test_mobile_export_verified(name, mobile_exports):
+    model, out, record = mobile_exports[name]
+    assert record["passed"] and record["file"] == "model.pte" and record["batch_sizes"] == [1]
+    assert record["max_abs_diff"] <= 1e-4 and record["top1_agree"] == 1.0 and record["images"] == 32
+    assert (out / "model.pte").stat().st_size == record["size_bytes"] and no_temp_files(out)
+    assert records(out) == {"mobile": record}
+
+
+def test_mobile_ltmp_drops_tokens_per_image(mobile_exports, images, example):
+    from ltmpctl.export import mobile
+
+    model, out, record = mobile_exports["ltmp"]
+    counts = kept(model, images)
+    assert record["tokens_min"] == min(counts) < max(counts) == record["tokens_max"]
+    unseen = [i for i, c in enumerate(counts) if c not in kept(model, example[:1])]
+    assert unseen, "some images must keep a token count the export example did not"
+    run = mobile.load(out / "model.pte")
+    for i in unseen:
+        with torch.no_grad():
+            want = model(images[i:i + 1])
+        got = run(images[i:i + 1])
+        assert (got - want).abs().max() <= 1e-4 and got.argmax() == want.argmax(), (i, counts[i])
+
+
+def test_mobile_program_takes_one_image(mobile_exports, images):
+    from ltmpctl.export import mobile
+
+    with pytest.raises(ExportError, match="takes one image, got 2"):
+        mobile.load(mobile_exports["topk"][1] / "model.pte")(images[:2])
+
+
 # ---- refusals and failures -----------------------------------------------------------------------------------------
 
 def test_torchscript_refuses_ltmp(tmp_path, images, example):
