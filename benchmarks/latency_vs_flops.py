@@ -1,11 +1,14 @@
 """Does cutting FLOPs cut latency? deit_tiny at 224 (random weights) with tome, topk and ltmp each set to about half
-the analytic FLOPs, timed in torch eager on this machine at batch 1 and 32, against the unreduced model.
+the analytic FLOPs, timed in torch eager and onnxruntime on this machine at batch 1 and 32, against the unreduced model.
 
-    OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/latency_vs_flops.py --threads 2 --repeats 10
+    OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/latency_vs_flops.py --threads 2 --repeats 10 --profile
 
-FLOPs ratios are ltmpctl's analytic MACs (ltmpctl.flops) of the token counts one forward on the timed batch
-actually used. LTMP's counts depend on the input (random here, so only indicative) and a batch runs at its
-largest image's count, which is one way FLOPs and latency part.
+FLOPs = ltmpctl's analytic MACs (ltmpctl.flops) of the token counts each image of the timed batch keeps, as a
+fraction of the unreduced model's; exec = what the batched forward really computes (each block runs at the batch's
+largest count, ltmp pads the others), equal to FLOPs at batch 1. lat/FLOPs = latency ratio / FLOPs ratio: the goal
+is <= 1.10. LTMP's counts depend on the input (random here, so only indicative).
+`--profile` adds where each forward's time goes: op calls, time in matrix-product kernels (what FLOPs predict),
+in all other ops, and outside any op (Python and dispatch).
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ import torch  # noqa: E402
 
 import ltmpctl  # noqa: E402
 from ltmpctl.bench.local import bench_onnx, bench_torch, compare_rows, flops_ratio, random_batch, set_threads  # noqa: E402
+from ltmpctl.flops import executed_ratio  # noqa: E402
 
 from _methods import methods_at, short  # noqa: E402
+from _profile import ort_profile, print_profile, torch_profile  # noqa: E402
 
 MODEL = "deit_tiny_patch16_224"
 INPUT = (3, 224, 224)
@@ -37,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
     p.add_argument("--target", type=float, default=0.5, help="FLOPs ratio every compressor is calibrated to")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the onnxruntime rows")
+    p.add_argument("--profile", action="store_true", help="also print where each forward's time goes")
     return p.parse_args()
 
 
@@ -50,32 +56,32 @@ def export_onnx(model: torch.nn.Module, out: Path) -> Path:
 
 
 def measure(base: torch.nn.Module, methods: list[tuple[str, dict[str, Any], float]], args: argparse.Namespace,
-            tmp: Path) -> list[dict]:
-    rows = []
-    onnx_files: dict[str, Path] = {}
-    if args.onnx:
-        onnx_files["base"] = export_onnx(base, tmp / "base")
-        for name, params, _ in methods:
-            onnx_files[name] = export_onnx(patched(base, name, params), tmp / name)
+            tmp: Path) -> tuple[list[dict], list[dict]]:
+    """(latency rows, profile rows): every model at every batch, torch then onnxruntime."""
+    rows, profiles = [], []
+    models = {"base": base, **{name: patched(base, name, params) for name, params, _ in methods}}
+    params = {"base": "", **{name: short(p) for name, p, _ in methods}}
+    onnx_files = {name: export_onnx(m, tmp / name) for name, m in models.items()} if args.onnx else {}
     for batch in args.batches:
-        print(f"batch {batch}: base", flush=True)
-        b = bench_torch(base, INPUT, batch, args.warmup, args.repeats, threads=args.threads)
-        rows.append({"method": "base", "params": "", **b, "flops_ratio": 1.0, "speedup": 1.0, "latency_ratio": 1.0,
-                     "flag": None})
-        if args.onnx:
-            ob = bench_onnx(onnx_files["base"], INPUT, batch, args.warmup, args.repeats, threads=args.threads)
-            rows.append({"method": "base", "params": "", **ob, "flops_ratio": 1.0, "speedup": 1.0,
-                         "latency_ratio": 1.0, "flag": None})
-        for name, params, _ in methods:
+        x = random_batch(INPUT, batch)  # the very batch bench_torch / bench_onnx time (same seed)
+        ref: dict[str, dict] = {}
+        for name, model in models.items():
             print(f"batch {batch}: {name}", flush=True)
-            model = patched(base, name, params)
-            ratio = flops_ratio(model, random_batch(INPUT, batch))  # the very batch bench_torch times
-            c = bench_torch(model, INPUT, batch, args.warmup, args.repeats, threads=args.threads)
-            rows.append({"method": name, "params": short(params), **compare_rows(b, c, ratio)})
+            ratio, executed = flops_ratio(model, x), executed_ratio(model, x)
+            timed = [bench_torch(model, INPUT, batch, args.warmup, args.repeats, threads=args.threads)]
             if args.onnx:
-                oc = bench_onnx(onnx_files[name], INPUT, batch, args.warmup, args.repeats, threads=args.threads)
-                rows.append({"method": name, "params": short(params), **compare_rows(ob, oc, ratio)})
-    return rows
+                timed.append(bench_onnx(onnx_files[name], INPUT, batch, args.warmup, args.repeats,
+                                        threads=args.threads))
+            for row in timed:
+                base_row = ref.setdefault(row["backend"], row)
+                rows.append({"method": name, "params": params[name], "exec_ratio": executed,
+                             **compare_rows(base_row, row, ratio)})
+            if args.profile:
+                profiles.append({"method": name, "backend": "torch", "batch": batch, **torch_profile(model, x)})
+                if args.onnx:
+                    profiles.append({"method": name, "backend": "onnxruntime", "batch": batch,
+                                     **ort_profile(onnx_files[name], x.numpy(), args.threads)})
+    return rows, profiles
 
 
 def patched(base: torch.nn.Module, name: str, params: dict[str, Any]) -> torch.nn.Module:
@@ -83,14 +89,15 @@ def patched(base: torch.nn.Module, name: str, params: dict[str, Any]) -> torch.n
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'method':<6} {'backend':<11} {'params':<48} {'batch':>5} {'FLOPs':>6} {'p50 ms':>9} {'p90 ms':>9} {'img/s':>8} " \
-           f"{'lat.':>6} {'speedup':>7}  flag"
+    head = (f"{'method':<6} {'backend':<11} {'params':<46} {'batch':>5} {'FLOPs':>6} {'exec':>6} {'p50 ms':>9} "
+            f"{'p90 ms':>9} {'img/s':>7} {'lat.':>6} {'speedup':>7} {'lat/FLOPs':>9}  flag")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['method']:<6} {r['backend']:<11} {r['params']:<48} {r['batch']:>5} {r['flops_ratio']:>6.3f} {r['p50_ms']:>9.2f} "
-              f"{r['p90_ms']:>9.2f} {r['images_per_s']:>8.1f} {r['latency_ratio']:>6.3f} {r['speedup']:>6.2f}x"
-              f"  {r['flag'] or ''}")
+        per_flop = r["latency_ratio"] / r["flops_ratio"]
+        print(f"{r['method']:<6} {r['backend']:<11} {r['params']:<46} {r['batch']:>5} {r['flops_ratio']:>6.3f} "
+              f"{r['exec_ratio']:>6.3f} {r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} {r['images_per_s']:>7.1f} "
+              f"{r['latency_ratio']:>6.3f} {r['speedup']:>6.2f}x {per_flop:>9.2f}  {r['flag'] or ''}")
 
 
 def main() -> None:
@@ -102,10 +109,13 @@ def main() -> None:
     base = timm.create_model(MODEL, pretrained=False).eval()
     methods = methods_at(base, args.target, random_batch(INPUT, 8, seed=1))
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(base, methods, args, Path(tmp))
+        rows, profiles = measure(base, methods, args, Path(tmp))
     print(f"\n{MODEL} {INPUT}, random weights, torch {torch.__version__} eager, {torch.get_num_threads()} threads, "
           f"warmup {args.warmup}, repeats {args.repeats}")
     print_table(rows)
+    if profiles:
+        print("\nwhere the time goes, per forward (torch: under torch.profiler; onnxruntime: its node profiling)")
+        print_profile(profiles)
 
 
 if __name__ == "__main__":

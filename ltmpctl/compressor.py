@@ -77,16 +77,16 @@ class CompressedViT:
         x = self.norm_pre(x)
         size = x.new_ones(x.shape[0], x.shape[1], 1)  # (B, N, 1): every token is one patch
         mask: Optional[Tensor] = None
-        counts = []
+        alive = [_alive_count(x, mask)]  # tokens entering block 0, then leaving each block: (B,) each
         masks = []
         for blk in self.blocks:
-            n_in = _alive_count(x, mask)
             x, size, mask = blk(x, size, mask)
-            counts.append(torch.stack([n_in, _alive_count(x, mask)], dim=-1))
+            alive.append(_alive_count(x, mask))
             masks.append(mask)
         if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             # Diagnostics of the last forward: read by token_counts() and by LTMP's FLOPs loss.
-            self.ltmpctl_counts = torch.stack(counts, dim=1)  # (B, depth, 2)
+            n = torch.stack(alive, dim=1)  # (B, depth + 1)
+            self.ltmpctl_counts = torch.stack([n[:, :-1], n[:, 1:]], dim=-1)  # (B, depth, 2)
             self.ltmpctl_masks = masks
         return self.norm(x)
 

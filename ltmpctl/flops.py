@@ -142,6 +142,23 @@ def measured_ratio(model: torch.nn.Module, images: Tensor, batch_size: int = 64)
     return sum(macs) / len(macs) / base_macs(vit_shape(model))
 
 
+def executed_ratio(model: torch.nn.Module, images: Tensor) -> float:
+    """FLOPs fraction that one batched forward over `images` really computes, per image.
+
+    A batch runs each block at its largest image's token count (the others are padded, `ltmpctl.tokens.compact`),
+    so this is >= `measured_ratio`, equal at batch 1 and for static-count compressors. 1.0 when unpatched.
+    """
+    if not hasattr(model, "ltmpctl_compressor"):
+        return 1.0
+    from .compressor import token_counts
+
+    model.eval()
+    with torch.no_grad():
+        model(images.to(next(model.parameters()).device))
+    widest = token_counts(model).amax(dim=0, keepdim=True)  # (1, depth, 2): what every image is padded to
+    return image_macs(model, widest)[0] / base_macs(vit_shape(model))
+
+
 def fvcore_macs(model: torch.nn.Module, images: Tensor) -> float:
     """MACs per image counted by fvcore on a traced forward of `model` (in eval mode) over `images`.
 

@@ -51,7 +51,7 @@ def attention(
     qkv = attn.qkv(x).reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # (B, h, N, hd) each
     q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = size[:, None, None, :, 0].log() if prop_attn else None  # (B, 1, 1, N)
+    bias = key_bias(size, mask, prop_attn)  # (B, 1, 1, N) or None
 
     imp = None
     if importance is None and mask is None and attn.fused_attn:
@@ -65,10 +65,8 @@ def attention(
         logits = (q @ k.transpose(-2, -1)) * attn.scale
         if bias is not None:
             logits = logits + bias
-        if mask is None:
+        if mask is None or mask.dtype == torch.bool:
             probs = logits.softmax(dim=-1)
-        elif mask.dtype == torch.bool:
-            probs = logits.masked_fill(~mask[:, None, None, :], -math.inf).softmax(dim=-1)
         else:
             probs = masked_softmax(logits, mask, attn.training)
         if importance == "cls":
@@ -83,6 +81,18 @@ def attention(
     o = attn.proj_drop(attn.proj(o))
     metric = k.mean(1) if need_metric else None
     return AttentionOut(o, imp, metric)
+
+
+def key_bias(size: Tensor, mask: Optional[Tensor], prop_attn: bool) -> Optional[Tensor]:
+    """The additive bias on attention logits, (B, 1, 1, N): log(size) of each key (proportional attention) and
+    -inf on padding keys (bool mask). One tensor, so each block pays a single add; None when neither applies."""
+    padding = mask is not None and mask.dtype == torch.bool
+    if not prop_attn and not padding:
+        return None
+    bias = size.log() if prop_attn else torch.zeros_like(size)  # (B, N, 1)
+    if padding:
+        bias = bias.masked_fill(~mask[..., None], -math.inf)
+    return bias.transpose(1, 2)[:, None]
 
 
 def masked_softmax(logits: Tensor, mask: Tensor, training: bool) -> Tensor:
@@ -102,7 +112,7 @@ def received_attention(probs: Tensor, mask: Optional[Tensor], num_prefix: int) -
     """
     if mask is not None and mask.dtype == torch.bool:
         rows = mask.to(probs.dtype)  # (B, N)
-        imp = (probs.sum(1) * rows[:, :, None]).sum(1) / (rows.sum(1, keepdim=True) * probs.shape[1])
+        imp = (probs.sum(1) * rows.unsqueeze(-1)).sum(1) / (rows.sum(1, keepdim=True) * probs.shape[1])
     else:
         imp = probs.mean(dim=(1, 2))
     return prefix_inf(imp, num_prefix)
@@ -110,7 +120,8 @@ def received_attention(probs: Tensor, mask: Optional[Tensor], num_prefix: int) -
 
 def prefix_inf(imp: Tensor, num_prefix: int) -> Tensor:
     """Give prefix tokens infinite importance: they are never pruned."""
-    return torch.cat([torch.full_like(imp[:, :num_prefix], math.inf), imp[:, num_prefix:]], dim=1)
+    is_prefix = torch.arange(imp.shape[1], device=imp.device) < num_prefix  # (N,)
+    return imp.masked_fill(is_prefix, math.inf)
 
 
 def split_ab(t: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
@@ -142,15 +153,14 @@ def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor]) -> tuple[Tens
     """
     metric = metric / metric.norm(dim=-1, keepdim=True)
     if mask is not None and mask.dtype != torch.bool:
-        metric = metric * mask[..., None].detach()
+        metric = metric * mask.detach().unsqueeze(-1)
     a, b = split_ab(metric, num_prefix)
     if not torch.jit.is_tracing():
         _check_nonempty(a.shape[1], b.shape[1])
     scores = a @ b.transpose(-1, -2)  # (B, NA, NB)
     if mask is not None and mask.dtype == torch.bool:
         mask_a, mask_b = split_ab(mask, num_prefix)
-        valid = mask_a[:, :, None] & mask_b[:, None, :]
-        scores = scores.masked_fill(~valid, -math.inf)
+        scores = scores.masked_fill(~(mask_a.unsqueeze(2) & mask_b.unsqueeze(1)), -math.inf)
     # Every caller leaves at least one token on each side (compact's min_tokens), so the max is defined.
     node_max, node_idx = scores.max(dim=-1)
     return node_max, node_idx
@@ -169,9 +179,9 @@ def scatter_amax(dst: Tensor, node_idx: Tensor, src: Tensor) -> Tensor:
     Dense over (B, NA, NB), like the similarity scores it follows, because no runtime we export to has a
     scatter-max kernel that all of them share. dst itself is one of the candidates, so NA = 0 is fine.
     """
-    hit = node_idx[:, :, None] == torch.arange(dst.shape[1], device=dst.device)  # (B, NA, NB)
-    cand = torch.where(hit, src[:, :, None], -math.inf)
-    return torch.cat([dst[:, None, :], cand], dim=1).amax(dim=1)
+    hit = node_idx.unsqueeze(2) == torch.arange(dst.shape[1], device=dst.device)  # (B, NA, NB)
+    cand = torch.where(hit, src.unsqueeze(2), -math.inf)
+    return torch.cat([dst.unsqueeze(1), cand], dim=1).amax(dim=1)
 
 
 def ascending(t: Tensor) -> Tensor:
@@ -206,12 +216,12 @@ def compact(keep: Tensor, *tensors: Tensor, min_tokens: int = 1) -> tuple[Tensor
         torch._check(cols.shape[0] >= min_tokens)  # what torch.export can't infer from nonzero by itself
     # Where each token goes: kept ones to the front, the others behind them, both in their order. That is a
     # permutation, so scattering positions through it gives the gather order (no sort: ExecuTorch has none).
-    k = keep.to(torch.int64)
-    dest = torch.where(keep, k.cumsum(1) - 1, counts[:, None] + (1 - k).cumsum(1) - 1)  # (B, N)
+    kept_before = keep.to(torch.int64).cumsum(1)  # (B, N): kept tokens up to and including each one
+    dest = torch.where(keep, kept_before - 1, counts.unsqueeze(1) + pos - kept_before)  # (B, N)
     order = torch.zeros_like(dest).scatter(1, dest, pos.expand_as(dest)).index_select(1, cols)  # (B, N')
     out = []
     for t in tensors:
         idx = order.reshape(order.shape + (1,) * (t.dim() - 2)).expand((-1, -1) + t.shape[2:])
         out.append(t.gather(1, idx))
-    alive = pos.index_select(0, cols)[None, :] < counts[:, None]
+    alive = cols.unsqueeze(0) < counts.unsqueeze(1)  # cols is 0 .. N'-1
     return alive, out

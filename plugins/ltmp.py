@@ -84,29 +84,23 @@ class LTMPBlock(TokenBlock):
 
     def _reduce_eval(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
         P = self.num_prefix
-        B, N, _ = x.shape
         if mask is None:
-            mask = torch.ones(B, N, dtype=torch.bool, device=x.device)
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         node_max, node_idx = match(a.metric, P, mask)  # padding never matches
         merge = node_max > self.merge_threshold  # (B, NA)
-        w = merge.to(x.dtype)[..., None]
-        xs = x * size
-        (src_x, dst_x), (src_s, dst_s) = split_ab(xs, P), split_ab(size, P)
-        (src_imp, dst_imp), (src_m, dst_m) = split_ab(a.importance, P), split_ab(mask, P)
-        dst_x = scatter_merge(dst_x, node_idx, src_x * w)
-        dst_s = scatter_merge(dst_s, node_idx, src_s * w)
+        # Size-weighted features and sizes merge alike (sums), so they travel as one tensor: one scatter, one
+        # gather, fewer small ops per block (at batch 1 on a CPU their fixed cost is much of the latency).
+        t = torch.cat([x * size, size], dim=-1)  # (B, N, C + 1)
+        (src_t, dst_t), (src_imp, dst_imp), (src_m, dst_m) = (split_ab(v, P) for v in (t, a.importance, mask))
+        dst_t = scatter_merge(dst_t, node_idx, src_t * merge.unsqueeze(-1))
         dst_imp = scatter_amax(dst_imp, node_idx, src_imp.masked_fill(~merge, -math.inf))
         # Candidates in the reference's order: prefix, unmerged A, B (merged into).
         cand_imp = torch.cat([a.importance[:, :P], src_imp, dst_imp], dim=1)
         alive = torch.cat([mask[:, :P], src_m & ~merge, dst_m], dim=1)
         keep = alive & (cand_imp > self.prune_threshold)
-        mask, (xs, size) = compact(
-            keep,
-            torch.cat([xs[:, :P], src_x, dst_x], dim=1),
-            torch.cat([size[:, :P], src_s, dst_s], dim=1),
-            min_tokens=P + 2,
-        )
-        return xs / size, size, mask
+        mask, (t,) = compact(keep, torch.cat([t[:, :P], src_t, dst_t], dim=1), min_tokens=P + 2)
+        size = t[..., -1:]
+        return t[..., :-1] / size, size, mask
 
 
 class LTMP(Compressor):

@@ -84,6 +84,7 @@ def _bench_pair(base: Any, compressed: Optional[Any], input_size: tuple[int, ...
                 flops_ratio: Optional[float], label: str) -> list[dict[str, Any]]:
     """Base (and compressed) torch eager rows at each batch, the compressed rows compared with the base ones."""
     from ..bench.local import bench_torch, compare_rows, flops_ratio as measure_flops_ratio, random_batch
+    from ..flops import executed_ratio
 
     rows = []
     for batch in opts.batches:
@@ -96,9 +97,10 @@ def _bench_pair(base: Any, compressed: Optional[Any], input_size: tuple[int, ...
         _progress(f"{label}, batch {batch}")
         c = {"model": label, **bench_torch(compressed, input_size, batch, opts.warmup, opts.repeats, opts.device,
                                            opts.threads)}
-        ratio = flops_ratio
-        if ratio is None:  # measured on the very batch that was timed (token counts can depend on the input)
-            ratio = measure_flops_ratio(compressed, random_batch(input_size, batch))
+        timed = random_batch(input_size, batch)  # the very batch bench_torch timed (token counts can depend on it)
+        ratio = flops_ratio if flops_ratio is not None else measure_flops_ratio(compressed, timed)
+        # What this timed forward computed: data-dependent compressors pad each block to the batch's widest image.
+        c["executed_flops_ratio"] = executed_ratio(compressed, timed)
         rows.append(compare_rows(b, c, ratio))
     return rows
 
@@ -223,11 +225,13 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def _render(rows: list[dict[str, Any]]) -> None:
-    table = Table("model", "backend", "device", "batch", "p50 ms", "p90 ms", "images/s", "speedup", "flag")
+    table = Table("model", "backend", "device", "batch", "p50 ms", "p90 ms", "images/s", "FLOPs", "latency",
+                  "speedup", "flag")
     for r in rows:
         speedup = f"{r['speedup']:.2f}x" if r.get("speedup") is not None else "-"
         table.add_row(str(r.get("model", "")), r["backend"], r["device"], str(r["batch"]), _fmt(r["p50_ms"], ".2f"),
-                      _fmt(r["p90_ms"], ".2f"), _fmt(r["images_per_s"], ".1f"), speedup,
+                      _fmt(r["p90_ms"], ".2f"), _fmt(r["images_per_s"], ".1f"), _fmt(r.get("flops_ratio"), ".3f"),
+                      _fmt(r.get("latency_ratio"), ".3f"), speedup,
                       f"[yellow]{r['flag']}[/]" if r.get("flag") else "")
     console.print(table)
 
