@@ -4,7 +4,7 @@
 
 Prints, per compressor and batch size (1 and 32): tokens per block (into the MLP, mean over the batch), analytic
 GMACs per image (ltmpctl.flops, fvcore-checked in tests), and measured eval latency (median of `--repeats` after
-warm-up) with the speedup over the unpatched model timed in the same process. Random weights: latency does not
+warm-up) with the speedup over the unpatched model, timed interleaved with it. Random weights: latency does not
 depend on them, but LTMP's data-dependent token counts do (so its row is indicative for real images).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import ltmpctl  # noqa: E402
-from ltmpctl.bench.local import bench_torch, random_batch, set_threads  # noqa: E402
+from ltmpctl.bench.local import bench_torch_models, random_batch, set_threads  # noqa: E402
 from ltmpctl.flops import base_macs, image_macs, vit_shape  # noqa: E402
 
 from _methods import methods_at, short  # noqa: E402
@@ -45,18 +45,20 @@ def main() -> None:
           f"median of {args.repeats} after {args.warmup} warm-up")
     print(f"{'method':7} {'batch':>5} {'GMACs':>7} {'ratio':>6} {'p50 ms':>9} {'speedup':>8}  tokens per block (MLP)"
           f"  params")
+    models = {name: ltmpctl.apply(copy.deepcopy(base), name, **params) for name, params, _ in methods}
     for batch in args.batches:
-        b = bench_torch(base, INPUT, batch, args.warmup, args.repeats, threads=args.threads)
+        # Interleaved: the base and every compressed model see the same machine, so the speedups hold.
+        b, *timed = bench_torch_models([base, *models.values()], INPUT, batch, args.warmup, args.repeats,
+                                       threads=args.threads)
         print(f"{'base':7} {batch:>5} {base_macs(s) / 1e9:7.3f} {1.0:6.3f} {b['p50_ms']:9.1f} {1.0:7.2f}x  "
               f"{s.tokens} x {s.depth}")
-        for name, params, _ in methods:
-            model = ltmpctl.apply(copy.deepcopy(base), name, **params)
+        for (name, params, _), c in zip(methods, timed):
+            model = models[name]
             with torch.no_grad():
-                model(random_batch(INPUT, batch))  # the batch bench_torch times (same seed)
+                model(random_batch(INPUT, batch))  # the batch that was timed (same seed)
             counts = ltmpctl.token_counts(model)
             gmacs = sum(image_macs(model, counts)) / len(counts) / 1e9
             tokens = " ".join(f"{v:.0f}" for v in counts[:, :, 1].float().mean(0))
-            c = bench_torch(model, INPUT, batch, args.warmup, args.repeats, threads=args.threads)
             print(f"{name:7} {batch:>5} {gmacs:7.3f} {gmacs * 1e9 / base_macs(s):6.3f} {c['p50_ms']:9.1f} "
                   f"{b['p50_ms'] / c['p50_ms']:7.2f}x  {tokens}  {short(params)}", flush=True)
 

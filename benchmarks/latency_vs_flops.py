@@ -24,7 +24,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenM
 import torch  # noqa: E402
 
 import ltmpctl  # noqa: E402
-from ltmpctl.bench.local import bench_onnx, bench_torch, compare_rows, flops_ratio, random_batch, set_threads  # noqa: E402
+from ltmpctl.bench.local import (bench_onnx_files, bench_torch_models, compare_rows, flops_ratio,  # noqa: E402
+                                 random_batch, set_threads)
 from ltmpctl.flops import executed_ratio  # noqa: E402
 
 from _methods import methods_at, short  # noqa: E402
@@ -63,19 +64,19 @@ def measure(base: torch.nn.Module, methods: list[tuple[str, dict[str, Any], floa
     params = {"base": "", **{name: short(p) for name, p, _ in methods}}
     onnx_files = {name: export_onnx(m, tmp / name) for name, m in models.items()} if args.onnx else {}
     for batch in args.batches:
-        x = random_batch(INPUT, batch)  # the very batch bench_torch / bench_onnx time (same seed)
-        ref: dict[str, dict] = {}
-        for name, model in models.items():
-            print(f"batch {batch}: {name}", flush=True)
+        x = random_batch(INPUT, batch)  # the very batch the benchmarks time (same seed)
+        print(f"batch {batch}", flush=True)
+        # Every model of a backend timed interleaved, so all of them see the same machine.
+        timed = {"torch": bench_torch_models(list(models.values()), INPUT, batch, args.warmup, args.repeats,
+                                             threads=args.threads)}
+        if args.onnx:
+            timed["onnxruntime"] = bench_onnx_files(list(onnx_files.values()), INPUT, batch, args.warmup,
+                                                    args.repeats, threads=args.threads)
+        for i, (name, model) in enumerate(models.items()):
             ratio, executed = flops_ratio(model, x), executed_ratio(model, x)
-            timed = [bench_torch(model, INPUT, batch, args.warmup, args.repeats, threads=args.threads)]
-            if args.onnx:
-                timed.append(bench_onnx(onnx_files[name], INPUT, batch, args.warmup, args.repeats,
-                                        threads=args.threads))
-            for row in timed:
-                base_row = ref.setdefault(row["backend"], row)
+            for backend_rows in timed.values():
                 rows.append({"method": name, "params": params[name], "exec_ratio": executed,
-                             **compare_rows(base_row, row, ratio)})
+                             **compare_rows(backend_rows[0], backend_rows[i], ratio)})
             if args.profile:
                 profiles.append({"method": name, "backend": "torch", "batch": batch, **torch_profile(model, x)})
                 if args.onnx:

@@ -278,15 +278,13 @@ def _export(ctx: Context, compressed: torch.nn.Module, dspec: DataSpec, data_con
 
 
 def _bench(ctx: Context, base: torch.nn.Module, compressed: torch.nn.Module, data_config: dict) -> list[dict]:
-    from .bench.local import bench_torch, compare_rows
+    from .bench.local import bench_torch_models, compare_rows
 
     cfg = ctx.recipe.stages.bench
     rows = []
     ratio = ctx.summary.get("flops_ratio")
     for batch in cfg.batch_sizes:
-        b = bench_torch(base, data_config["input_size"], batch, cfg.warmup, cfg.repeats, ctx.device.type,
-                        ctx.recipe.threads)
-        c = bench_torch(compressed, data_config["input_size"], batch, cfg.warmup, cfg.repeats, ctx.device.type,
-                        ctx.recipe.threads)
+        b, c = bench_torch_models([base, compressed], data_config["input_size"], batch, cfg.warmup, cfg.repeats,
+                                  ctx.device.type, ctx.recipe.threads)  # interleaved: one speedup, same conditions
         rows.append({"base": b, "compressed": compare_rows(b, c, ratio)})
     return rows

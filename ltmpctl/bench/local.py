@@ -14,7 +14,8 @@ import torch
 from ..errors import ConfigError, ModelError
 from .stats import compare_rows, make_row, summarize
 
-__all__ = ["set_threads", "random_batch", "bench_torch", "bench_onnx", "compare_rows", "flops_ratio"]
+__all__ = ["set_threads", "random_batch", "bench_torch", "bench_torch_models", "bench_onnx", "bench_onnx_files",
+           "compare_rows", "flops_ratio"]
 
 _ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -87,38 +88,58 @@ def random_batch(input_shape: Sequence[int], batch: int, seed: int = 0) -> torch
     return torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(seed))
 
 
+def _interleaved(runs: Sequence[Callable[[], Any]], repeats: int, sync: Callable[[], None]) -> list[list[float]]:
+    """Seconds per call of each run, `repeats` rounds of one call each in turn.
+
+    Round-robin rather than one model after the other, so that whatever else the machine does meanwhile (another
+    job on shared cores, clock changes) falls on every model alike and the speedups between them hold.
+    """
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, acc in zip(runs, times):
+            t0 = time.perf_counter()
+            run()
+            sync()
+            acc.append(time.perf_counter() - t0)
+    return times
+
+
 def bench_torch(model: torch.nn.Module, input_shape: Sequence[int], batch: int, warmup: int, repeats: int,
                 device: str = "cpu", threads: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
     """Time `repeats` eager forwards of a (batch, *input_shape) random batch after `warmup` untimed ones.
 
     The model is put in eval mode and moved to `device` in place. Peak memory: see stats.SCHEMA["peak_mem_mb"].
     """
+    return bench_torch_models([model], input_shape, batch, warmup, repeats, device, threads, seed)[0]
+
+
+def bench_torch_models(models: Sequence[torch.nn.Module], input_shape: Sequence[int], batch: int, warmup: int,
+                       repeats: int, device: str = "cpu", threads: Optional[int] = None,
+                       seed: int = 0) -> list[dict[str, Any]]:
+    """`bench_torch` for several models on the same batch, timed interleaved (one row each, in order).
+
+    Each model's first forward and warm-up run on their own first, which is where its peak memory is taken.
+    """
     _check_counts(batch, warmup, repeats)
     dev = _torch_device(device)
-    model = model.eval().to(dev)
+    models = [m.eval().to(dev) for m in models]
     x = random_batch(input_shape, batch, seed).to(dev)  # (B, C, H, W)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    rss0 = _maxrss_mb()
-    times: list[float] = []
+    peaks = []
     with _threads(threads) as used, torch.inference_mode():
-        _first_forward(lambda: model(x), tuple(x.shape))
-        for _ in range(warmup):
-            model(x)
-        _sync(dev)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
+        for model in models:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            rss0 = _maxrss_mb()
+            _first_forward(lambda: model(x), tuple(x.shape))
+            for _ in range(warmup):
+                model(x)
             _sync(dev)
-            times.append(time.perf_counter() - t0)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20
-        name = f"{dev.type}:{dev.index or 0}"
-    else:
-        peak, name = _maxrss_mb() - rss0, "cpu"
-    return make_row(backend="torch", device=name, batch=batch, threads=used if dev.type == "cpu" else None,
-                    warmup=warmup, repeats=repeats, stats=summarize(times, batch), peak_mem_mb=peak,
-                    timing="per-iteration")
+            peaks.append(torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _maxrss_mb() - rss0)
+        times = _interleaved([lambda m=m: m(x) for m in models], repeats, lambda: _sync(dev))
+    name = f"{dev.type}:{dev.index or 0}" if dev.type == "cuda" else "cpu"
+    return [make_row(backend="torch", device=name, batch=batch, threads=used if dev.type == "cpu" else None,
+                     warmup=warmup, repeats=repeats, stats=summarize(t, batch), peak_mem_mb=peak,
+                     timing="per-iteration") for t, peak in zip(times, peaks)]
 
 
 def _ort_providers(requested: Optional[Sequence[str]]) -> list[str]:
@@ -167,29 +188,38 @@ def bench_onnx(path: str | Path, input_shape: Sequence[int], batch: int, warmup:
     `providers`: e.g. ["cuda", "cpu"]; the first available one runs it (inputs are host numpy arrays, so CUDA
     timings include the copies). Peak memory: RSS growth from before the session was created (weights included).
     """
+    return bench_onnx_files([path], input_shape, batch, warmup, repeats, threads, providers, seed)[0]
+
+
+def bench_onnx_files(paths: Sequence[str | Path], input_shape: Sequence[int], batch: int, warmup: int, repeats: int,
+                     threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
+                     seed: int = 0) -> list[dict[str, Any]]:
+    """`bench_onnx` for several files on the same batch, timed interleaved (one row each, in order)."""
     import numpy as np
 
     _check_counts(batch, warmup, repeats)
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"ONNX file {str(p)!r} not found", "check the path")
+    files = [Path(p) for p in paths]
+    for p in files:
+        if not p.is_file():
+            raise ConfigError(f"ONNX file {str(p)!r} not found", "check the path")
     chosen = _ort_providers(providers)
-    rss0 = _maxrss_mb()
-    session = _ort_session(p, threads, chosen)
-    name = _check_batch_dim(session, batch, p)
     x = np.random.default_rng(seed).standard_normal((batch, *input_shape), dtype=np.float32)
-    _first_forward(lambda: session.run(None, {name: x}), x.shape)
-    for _ in range(warmup):
-        session.run(None, {name: x})
-    times: list[float] = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        session.run(None, {name: x})
-        times.append(time.perf_counter() - t0)
-    device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-    return make_row(backend="onnxruntime", device=device, batch=batch, threads=threads, warmup=warmup,
-                    repeats=repeats, stats=summarize(times, batch), peak_mem_mb=_maxrss_mb() - rss0,
-                    timing="per-iteration")
+    runs, peaks, devices = [], [], []
+    for p in files:
+        rss0 = _maxrss_mb()
+        session = _ort_session(p, threads, chosen)
+        feed = {_check_batch_dim(session, batch, p): x}
+        run = lambda s=session, f=feed: s.run(None, f)  # noqa: E731
+        _first_forward(run, x.shape)
+        for _ in range(warmup):
+            run()
+        runs.append(run)
+        peaks.append(_maxrss_mb() - rss0)
+        devices.append("cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu")
+    times = _interleaved(runs, repeats, lambda: None)
+    return [make_row(backend="onnxruntime", device=d, batch=batch, threads=threads, warmup=warmup, repeats=repeats,
+                     stats=summarize(t, batch), peak_mem_mb=peak, timing="per-iteration")
+            for t, peak, d in zip(times, peaks, devices)]
 
 
 def flops_ratio(model: torch.nn.Module, images: torch.Tensor) -> float:

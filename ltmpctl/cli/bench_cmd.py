@@ -82,22 +82,24 @@ def _progress(what: str) -> None:
 
 def _bench_pair(base: Any, compressed: Optional[Any], input_size: tuple[int, ...], opts: _Opts,
                 flops_ratio: Optional[float], label: str) -> list[dict[str, Any]]:
-    """Base (and compressed) torch eager rows at each batch, the compressed rows compared with the base ones."""
-    from ..bench.local import bench_torch, compare_rows, flops_ratio as measure_flops_ratio, random_batch
+    """Base (and compressed) torch eager rows at each batch, the compressed rows compared with the base ones.
+
+    The two are timed interleaved on the same batch, so the speedup is measured under the same conditions."""
+    from ..bench.local import bench_torch_models, compare_rows, flops_ratio as measure_flops_ratio, random_batch
     from ..flops import executed_ratio
 
     rows = []
+    models = [base] if compressed is None else [base, compressed]
     for batch in opts.batches:
-        _progress(f"base, batch {batch}")
-        b = {"model": "base", **bench_torch(base, input_size, batch, opts.warmup, opts.repeats, opts.device,
-                                            opts.threads)}
+        _progress(f"base{'' if compressed is None else ' and ' + label}, batch {batch}")
+        timed_rows = bench_torch_models(models, input_size, batch, opts.warmup, opts.repeats, opts.device,
+                                        opts.threads)
+        b = {"model": "base", **timed_rows[0]}
         rows.append(b)
         if compressed is None:
             continue
-        _progress(f"{label}, batch {batch}")
-        c = {"model": label, **bench_torch(compressed, input_size, batch, opts.warmup, opts.repeats, opts.device,
-                                           opts.threads)}
-        timed = random_batch(input_size, batch)  # the very batch bench_torch timed (token counts can depend on it)
+        c = {"model": label, **timed_rows[1]}
+        timed = random_batch(input_size, batch)  # the very batch that was timed (token counts can depend on it)
         ratio = flops_ratio if flops_ratio is not None else measure_flops_ratio(compressed, timed)
         # What this timed forward computed: data-dependent compressors pad each block to the batch's widest image.
         c["executed_flops_ratio"] = executed_ratio(compressed, timed)

@@ -3,6 +3,10 @@
 ExecuTorch is the working mobile route on current torch builds (`optimize_for_mobile` and lite-interpreter files
 fail here, ../shared/SETUP.md). It is heavy (torchao, coremltools, pandas, ...), so it is an optional extra and
 imported only when this format is asked for. The program takes one image (batch 1), as an app runs it.
+
+XNNPACK takes the dense layers; the token bookkeeping (matching, merging, compaction) runs on ExecuTorch's portable
+kernels, which is why `ltmpctl.tokens` sticks to ops they have (scatter_add, topk, cumsum; no sort or
+scatter_reduce). For ltmp the token count inside the program is data-dependent, exactly as in the ONNX export.
 """
 from __future__ import annotations
 
