@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import report
-from .bench.local import bench_torch, compare_rows
+from .bench.local import bench_torch_models, compare_rows
 from .config import Recipe, config_hash, load_yaml, resolve
 from .errors import ConfigError, LtmpctlError
 from .models import DEMO
@@ -242,8 +242,9 @@ def bench_settings(spec: CompareSpec, recipe: Recipe) -> BenchSettings:
                          recipe.threads)
 
 
-def _bench(model: Any, input_size: Sequence[int], s: BenchSettings) -> dict[str, Any]:
-    return bench_torch(model, input_size, s.batch, s.warmup, s.repeats, s.device, s.threads)
+def _bench(base: Any, compressed: Any, input_size: Sequence[int], s: BenchSettings) -> list[dict[str, Any]]:
+    """[base row, compressed row], timed interleaved so the speedup is measured under the same conditions."""
+    return bench_torch_models([base, compressed], input_size, s.batch, s.warmup, s.repeats, s.device, s.threads)
 
 
 def _base_row(summary: dict[str, Any], bench: dict[str, Any]) -> dict[str, Any]:
@@ -262,19 +263,19 @@ def _cell_row(cell: Planned, summary: dict[str, Any], bench: dict[str, Any]) -> 
 
 
 def bench_cells(cells: list[Planned], s: BenchSettings, hooks: Hooks) -> tuple[dict[str, Any], list[dict]]:
-    """(base row, one row per cell): the base is timed once, every compressed model after it, in this process."""
+    """(base row, one row per cell): each compressed model is timed interleaved with the base, in this process;
+    its speedup is against that base timing, and the base row shows the first one."""
     hooks.stage(f"bench: batch {s.batch}, {s.repeats} repeats on {s.device}")
-    base_bench: Optional[dict[str, Any]] = None
     base_row: dict[str, Any] = {}
     rows = []
     for cell in cells:
         assert cell.run is not None
         base, compressed, info = load_run(cell.run)
         summary = RunDir(cell.run).read_summary()
-        if base_bench is None:  # every cell shares the base model: only the compressor and target differ
-            base_bench = _bench(base, info["input_size"], s)
+        base_bench, compressed_bench = _bench(base, compressed, info["input_size"], s)
+        if not base_row:  # every cell shares the base model: only the compressor and target differ
             base_row = _base_row(summary, base_bench)
-        bench = compare_rows(base_bench, _bench(compressed, info["input_size"], s), summary.get("flops_ratio"))
+        bench = compare_rows(base_bench, compressed_bench, summary.get("flops_ratio"))
         rows.append(_cell_row(cell, summary, bench))
         hooks.log(f"{cell.compressor} @ {cell.target:g}: p50 {bench['p50_ms']:.2f} ms, "
                   f"speedup {bench['speedup']:.2f}x")

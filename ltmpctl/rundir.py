@@ -284,11 +284,26 @@ class RunDir:
         self.log_line("run complete")
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: Path, data: bytes) -> Path:
-    """Write `path` through a temporary file in its directory, fsync, os.replace: never half-written."""
+    """Write `path` through a temporary file in its directory, fsync, os.replace: never half-written.
+
+    The file gets the permissions a plain open() would give (mkstemp makes it owner-only, which would hide runs
+    from the teammates and CI jobs that read them).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # POSIX; Windows has no such mode bits
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -69,6 +69,18 @@ def test_atomic_writes_leave_no_tmp_files(tmp_path):
     assert leftovers(run.path) == []
 
 
+def test_atomic_writes_get_plain_open_permissions(tmp_path):
+    """Not mkstemp's owner-only 0600: other users and CI jobs read run directories."""
+    import os
+
+    from ltmpctl.rundir import atomic_write
+
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    written = atomic_write(tmp_path / "atomic", b"x")
+    assert os.stat(written).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
 def test_failed_json_write_keeps_old_file(tmp_path):
     run = RunDir.create(tmp_path / "r", "demo", "ltmp", 0.5)
     run.update_summary(a=1)

@@ -17,8 +17,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _width(stream: object) -> "int | None":
+    """Rich fits tables into 80 columns when output is not a terminal, which folds the wide benchmark tables into
+    unreadable stubs in logs and pipes; give those room instead. A terminal's own width, or COLUMNS, still wins."""
+    if os.environ.get("COLUMNS") or getattr(stream, "isatty", lambda: False)():
+        return None
+    return 160
+
+
+console = Console(soft_wrap=True, width=_width(sys.stdout))
+err_console = Console(stderr=True, soft_wrap=True, width=_width(sys.stderr))
 
 
 def main() -> None:
