@@ -24,9 +24,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenM
 import torch  # noqa: E402
 
 import ltmpctl  # noqa: E402
-from ltmpctl.bench.local import (bench_onnx_files, bench_torch_models, compare_rows, flops_ratio,  # noqa: E402
-                                 random_batch, set_threads)
-from ltmpctl.flops import executed_ratio  # noqa: E402
+from ltmpctl.bench.local import (bench_onnx_files, bench_torch_models, compare_rows, random_batch,  # noqa: E402
+                                 set_threads)
+from ltmpctl.flops import batch_ratios  # noqa: E402
 
 from _methods import methods_at, short  # noqa: E402
 from _profile import ort_profile, print_profile, torch_profile  # noqa: E402
@@ -73,7 +73,7 @@ def measure(base: torch.nn.Module, methods: list[tuple[str, dict[str, Any], floa
             timed["onnxruntime"] = bench_onnx_files(list(onnx_files.values()), INPUT, batch, args.warmup,
                                                     args.repeats, threads=args.threads)
         for i, (name, model) in enumerate(models.items()):
-            ratio, executed = flops_ratio(model, x), executed_ratio(model, x)
+            ratio, executed = batch_ratios(model, x)  # one forward on the timed batch
             for backend_rows in timed.values():
                 rows.append({"method": name, "params": params[name], "exec_ratio": executed,
                              **compare_rows(backend_rows[0], backend_rows[i], ratio)})

@@ -142,21 +142,25 @@ def measured_ratio(model: torch.nn.Module, images: Tensor, batch_size: int = 64)
     return sum(macs) / len(macs) / base_macs(vit_shape(model))
 
 
-def executed_ratio(model: torch.nn.Module, images: Tensor) -> float:
-    """FLOPs fraction that one batched forward over `images` really computes, per image.
+def batch_ratios(model: torch.nn.Module, images: Tensor) -> tuple[float, float]:
+    """(mean per image, executed) FLOPs fractions of one batched eval forward over `images`; (1.0, 1.0) unpatched.
 
-    A batch runs each block at its largest image's token count (the others are padded, `ltmpctl.tokens.compact`),
-    so this is >= `measured_ratio`, equal at batch 1 and for static-count compressors. 1.0 when unpatched.
+    The mean is `measured_ratio`'s (batching doesn't change what an image keeps). Executed is what the forward
+    really computed per image: a batch runs each block at its widest image's token count (the others are padded,
+    `ltmpctl.tokens.compact`), so it is >= the mean, and equal at batch 1 and for static-count compressors.
     """
     if not hasattr(model, "ltmpctl_compressor"):
-        return 1.0
+        return 1.0, 1.0
     from .compressor import token_counts
 
     model.eval()
     with torch.no_grad():
         model(images.to(next(model.parameters()).device))
-    widest = token_counts(model).amax(dim=0, keepdim=True)  # (1, depth, 2): what every image is padded to
-    return image_macs(model, widest)[0] / base_macs(vit_shape(model))
+    counts = token_counts(model)  # (B, depth, 2)
+    base = base_macs(vit_shape(model))
+    mean = sum(image_macs(model, counts)) / len(counts) / base
+    widest = counts.amax(dim=0, keepdim=True)  # (1, depth, 2): what every image is padded to
+    return mean, image_macs(model, widest)[0] / base
 
 
 def fvcore_macs(model: torch.nn.Module, images: Tensor) -> float:

@@ -12,7 +12,7 @@ import ltmpctl.cli.commands  # noqa: F401  (registers the commands)
 from ltmpctl import demo
 from ltmpctl.analysis import TOLERANCE, analyze_flops
 from ltmpctl.cli import app
-from ltmpctl.flops import base_macs, executed_ratio, fvcore_macs, is_merging, measured_ratio, model_macs, vit_shape
+from ltmpctl.flops import base_macs, batch_ratios, fvcore_macs, is_merging, measured_ratio, model_macs, vit_shape
 
 VARIANTS = {"plain": {}, "distilled": {"distilled": True}, "qk_norm": {"qk_norm": True}}
 COMPRESSORS = [
@@ -67,17 +67,18 @@ def test_ltmp_counts_differ_per_image(images):
     assert result["ok"]
 
 
-def test_executed_ratio_is_what_the_padded_batch_computes(images):
+def test_batch_ratios_mean_and_what_the_padded_batch_computes(images):
     """A batch runs at its widest image: fvcore on the batch agrees, and it is >= the per-image mean."""
     model = ltmpctl.apply(tiny_vit(), "ltmp", merge_threshold=0.5, prune_threshold=0.01)
     base = base_macs(vit_shape(model))
-    executed, mean = executed_ratio(model, images), measured_ratio(model, images)
+    mean, executed = batch_ratios(model, images)
+    assert mean == pytest.approx(measured_ratio(model, images))
     assert executed > mean  # these images keep different counts
     assert rel(executed * base, fvcore_macs(model, images)) <= TOLERANCE
-    assert executed_ratio(model, images[:1]) == pytest.approx(measured_ratio(model, images[:1]))
+    assert batch_ratios(model, images[:1])[1] == pytest.approx(measured_ratio(model, images[:1]))
     static = ltmpctl.apply(tiny_vit(), "topk", keep_rate=0.5)
-    assert executed_ratio(static, images) == pytest.approx(measured_ratio(static, images))
-    assert executed_ratio(tiny_vit(), images) == 1.0
+    assert batch_ratios(static, images)[1] == pytest.approx(measured_ratio(static, images))
+    assert batch_ratios(tiny_vit(), images) == (1.0, 1.0)
 
 
 def test_analyze_flops_totals_add_up(images):

@@ -85,8 +85,8 @@ def _bench_pair(base: Any, compressed: Optional[Any], input_size: tuple[int, ...
     """Base (and compressed) torch eager rows at each batch, the compressed rows compared with the base ones.
 
     The two are timed interleaved on the same batch, so the speedup is measured under the same conditions."""
-    from ..bench.local import bench_torch_models, compare_rows, flops_ratio as measure_flops_ratio, random_batch
-    from ..flops import executed_ratio
+    from ..bench.local import bench_torch_models, compare_rows, random_batch
+    from ..flops import batch_ratios
 
     rows = []
     models = [base] if compressed is None else [base, compressed]
@@ -99,11 +99,10 @@ def _bench_pair(base: Any, compressed: Optional[Any], input_size: tuple[int, ...
         if compressed is None:
             continue
         c = {"model": label, **timed_rows[1]}
-        timed = random_batch(input_size, batch)  # the very batch that was timed (token counts can depend on it)
-        ratio = flops_ratio if flops_ratio is not None else measure_flops_ratio(compressed, timed)
-        # What this timed forward computed: data-dependent compressors pad each block to the batch's widest image.
-        c["executed_flops_ratio"] = executed_ratio(compressed, timed)
-        rows.append(compare_rows(b, c, ratio))
+        # On the very batch that was timed (token counts can depend on the input). Executed: what that forward
+        # computed, as data-dependent compressors pad each block to the batch's widest image.
+        mean, c["executed_flops_ratio"] = batch_ratios(compressed, random_batch(input_size, batch))
+        rows.append(compare_rows(b, c, flops_ratio if flops_ratio is not None else mean))
     return rows
 
 
