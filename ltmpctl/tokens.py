@@ -29,6 +29,14 @@ class AttentionOut(NamedTuple):
     metric: Optional[Tensor]  # (B, N, head_dim) keys averaged over heads (ToMe's similarity metric)
 
 
+def eager() -> bool:
+    """True in a plain eager forward: not under torch.export (ONNX, ExecuTorch), jit tracing (fvcore, TorchScript)
+    or torch.compile. Only then may token code branch on tensor values in Python and use kernels that the export
+    runtimes lack (scatter_reduce); the traced forms keep the portable ops, which the exported files are verified on.
+    """
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+
+
 def attention(
     attn: torch.nn.Module,
     x: Tensor,
@@ -45,13 +53,37 @@ def attention(
     softmax changes (a `log(size)` bias on keys and the mask), so with size 1 and no mask it is timm's attention.
     `importance`: None (not needed), "mean" (attention received from all queries) or "cls" (from the class token).
     """
-    B, N, _ = x.shape
+    core = attention_core(attn, attn.qkv(x), size, mask, num_prefix, importance, need_metric, prop_attn)
+    return core._replace(out=attention_proj(attn, core.out, x))
+
+
+def attention_proj(attn: torch.nn.Module, o: Tensor, x: Tensor) -> Tensor:
+    """The output side of timm's `Attention` on the heads' concatenated output o (..., attn_dim); x its input
+    (for the gate of gated variants). Works on padded (B, N, *) and on packed (T, *) tokens alike."""
+    o = attn.norm(o)
+    if getattr(attn, "gate", None) is not None:
+        o = o * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(o))
+
+
+def attention_core(
+    attn: torch.nn.Module,
+    qkv: Tensor,
+    size: Tensor,
+    mask: Optional[Tensor],
+    num_prefix: int,
+    importance: Optional[str],
+    need_metric: bool,
+    prop_attn: bool = True,
+) -> AttentionOut:
+    """`attention` from the qkv projection (B, N, 3 * attn_dim) on: `out` is the heads' output (B, N, attn_dim)
+    before `attention_proj`."""
+    B, N, _ = qkv.shape
     h, hd = attn.num_heads, attn.head_dim
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # (B, h, N, hd) each
+    q, k, v = qkv.reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, hd) each
     q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = key_bias(size, mask, prop_attn)  # (B, 1, 1, N) or None
+    fast = not attn.training and eager()
+    bias = key_bias(size, mask, prop_attn, fast)  # (B, 1, 1, N) or None
 
     imp = None
     if importance is None and mask is None and attn.fused_attn:
@@ -60,36 +92,54 @@ def attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
     else:
-        # (B, h, N, N). Scaled after the product as the LTMP/ToMe references do (timm scales q first): thresholds
-        # on importance are compared with values this rounding decides.
-        logits = (q @ k.transpose(-2, -1)) * attn.scale
-        if bias is not None:
-            logits = logits + bias
-        if mask is None or mask.dtype == torch.bool:
-            probs = logits.softmax(dim=-1)
-        else:
-            probs = masked_softmax(logits, mask, attn.training)
+        probs = attention_probs(q, k, attn.scale, bias, mask, attn.training, fast)  # (B, h, N, N)
         if importance == "cls":
             imp = prefix_inf(probs[:, :, 0, :].mean(1), num_prefix)
         elif importance is not None:
             imp = received_attention(probs, mask, num_prefix)
         o = attn.attn_drop(probs) @ v
     o = o.transpose(1, 2).reshape(B, N, attn.attn_dim)
-    o = attn.norm(o)
-    if gate is not None:
-        o = o * gate
-    o = attn.proj_drop(attn.proj(o))
     metric = k.mean(1) if need_metric else None
     return AttentionOut(o, imp, metric)
 
 
-def key_bias(size: Tensor, mask: Optional[Tensor], prop_attn: bool) -> Optional[Tensor]:
+def attention_probs(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor], mask: Optional[Tensor],
+                    training: bool, fast: bool) -> Tensor:
+    """Softmax attention probabilities (B, h, N, N) over keys, with the key bias and (float) mask applied.
+
+    Scaled after the product as the LTMP/ToMe references do (timm scales q first): thresholds on importance are
+    compared with values this rounding decides. The eval fast form does product, scale and bias in one batched
+    GEMM (baddbmm: one kernel instead of three, each of which wakes the thread pool on a CPU).
+    """
+    B, h, N, hd = q.shape
+    if fast and (mask is None or mask.dtype == torch.bool):
+        inp = bias.expand(B, h, 1, N).reshape(B * h, 1, N) if bias is not None else q.new_zeros(1, 1, 1)
+        logits = torch.baddbmm(inp, q.reshape(B * h, N, hd), k.reshape(B * h, N, hd).transpose(1, 2), alpha=scale,
+                               beta=1.0 if bias is not None else 0.0)
+        return logits.softmax(dim=-1).view(B, h, N, N)
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        logits = logits + bias
+    if mask is None or mask.dtype == torch.bool:
+        return logits.softmax(dim=-1)
+    return masked_softmax(logits, mask, training)
+
+
+def key_bias(size: Tensor, mask: Optional[Tensor], prop_attn: bool, fast: bool = False) -> Optional[Tensor]:
     """The additive bias on attention logits, (B, 1, 1, N): log(size) of each key (proportional attention) and
-    -inf on padding keys (bool mask). One tensor, so each block pays a single add; None when neither applies."""
+    -inf on padding keys (bool mask). One tensor, so each block pays a single add; None when neither applies.
+
+    `fast` (eager eval): log1p(size - 1), the same value to an ulp (sizes are whole numbers, so size - 1 is exact),
+    because torch's CPU `log` wakes the thread pool even for a few hundred values (~70 us on a shared 2-core
+    machine, every block) while log1p runs inline.
+    """
     padding = mask is not None and mask.dtype == torch.bool
     if not prop_attn and not padding:
         return None
-    bias = size.log() if prop_attn else torch.zeros_like(size)  # (B, N, 1)
+    if prop_attn:
+        bias = (size - 1.0).log1p() if fast else size.log()  # (B, N, 1)
+    else:
+        bias = torch.zeros_like(size)
     if padding:
         bias = bias.masked_fill(~mask[..., None], -math.inf)
     return bias.transpose(1, 2)[:, None]
@@ -162,6 +212,10 @@ def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor]) -> tuple[Tens
         mask_a, mask_b = split_ab(mask, num_prefix)
         scores = scores.masked_fill(~(mask_a.unsqueeze(2) & mask_b.unsqueeze(1)), -math.inf)
     # Every caller leaves at least one token on each side (compact's min_tokens), so the max is defined.
+    if eager():
+        # Same values and first-maximum ties as max(dim); max(dim) wakes the CPU thread pool, argmax doesn't.
+        node_idx = scores.argmax(dim=-1)
+        return scores.gather(-1, node_idx.unsqueeze(-1)).squeeze(-1), node_idx
     node_max, node_idx = scores.max(dim=-1)
     return node_max, node_idx
 

@@ -9,10 +9,11 @@ Per block: attention (proportional) -> residual -> merge, then prune -> MLP, wit
 Train mode keeps every token in the tensor with a differentiable mask (straight-through sigmoid of
 (value - threshold) / tau); attention is renormalised over alive keys. Eval mode really removes tokens.
 
-Batched eval: images keep different numbers of tokens, so after each block each image's kept tokens are moved to
-the front (order preserved) and the batch is padded to its largest count; a boolean key mask keeps padding out of
-softmax, importance and matching (`ltmpctl.tokens`). Each image therefore gets exactly what batch 1 gives, and
-compute shrinks with the batch's largest count.
+Eval at batch 1 (eager) simply selects the kept tokens. Batched eval: images keep different numbers of tokens, so
+after each block each image's kept tokens are moved to the front (order preserved) and the batch is padded to its
+largest count; a boolean key mask keeps padding out of softmax, importance and matching (`ltmpctl.tokens`), and the
+per-token layers run on the real tokens only (`TokenBlock`'s packed form). Each image therefore gets exactly what
+batch 1 gives.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from torch import Tensor
 
 from ltmpctl.compressor import Compressor, Params, TokenBlock, per_block
 from ltmpctl.flops import base_macs, model_macs, vit_shape
-from ltmpctl.tokens import AttentionOut, compact, match, scatter_amax, scatter_merge, split_ab, threshold_mask
+from ltmpctl.tokens import (AttentionOut, compact, eager, match, scatter_amax, scatter_merge, split_ab,
+                            threshold_mask)
 
 Thresholds = Union[float, list[float]]
 
@@ -82,8 +84,32 @@ class LTMPBlock(TokenBlock):
         mask = torch.where(mask.bool(), prune, mask)
         return x, size, mask
 
+    def _reduce_single(self, x: Tensor, size: Tensor, a: AttentionOut):
+        """Eager batch 1: no padding, so no mask to carry; tokens are simply selected (index_select), never padded.
+
+        Same decisions and values as the batched form below. ~20 small ops, none of which wakes the CPU thread pool
+        at these sizes (the dense scatter-max and the cumsum compaction exist only for the export runtimes).
+        """
+        P = self.num_prefix
+        t = torch.cat([x * size, size], dim=-1)  # (1, N, C + 1): merged alike, gathered alike
+        imp = a.importance  # (1, N), +inf on prefix tokens
+        if x.shape[1] - P >= 2:  # something to match (an image pruned to its prefix tokens has not)
+            node_max, node_idx = match(a.metric, P, None)
+            merge = node_max > self.merge_threshold  # (1, NA)
+            (src_t, dst_t), (src_imp, dst_imp) = split_ab(t, P), split_ab(imp, P)
+            dst_t = scatter_merge(dst_t, node_idx, src_t * merge.unsqueeze(-1))
+            dst_imp = dst_imp.scatter_reduce(1, node_idx, src_imp.masked_fill(~merge, -math.inf), "amax")
+            # Candidates in the reference's order: prefix, A (merged ones at -inf: never kept), B (merged into).
+            t = torch.cat([t[:, :P], src_t, dst_t], dim=1)
+            imp = torch.cat([imp[:, :P], src_imp.masked_fill(merge, -math.inf), dst_imp], dim=1)
+        t = t.index_select(1, (imp[0] > self.prune_threshold).nonzero().squeeze(1))
+        size = t[..., -1:]
+        return t[..., :-1] / size, size, None
+
     def _reduce_eval(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
         P = self.num_prefix
+        if mask is None and x.shape[0] == 1 and eager():
+            return self._reduce_single(x, size, a)
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         node_max, node_idx = match(a.metric, P, mask)  # padding never matches
