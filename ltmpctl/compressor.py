@@ -15,7 +15,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from .errors import ConfigError, ModelError
-from .tokens import AttentionOut, attention, attention_core, attention_proj, eager
+from .tokens import AttentionOut, attention, unpack
 
 
 class Params(BaseModel):
@@ -42,59 +42,17 @@ class TokenBlock(Block):
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         if mask is None and self.train_mask and self.training:
             mask = x.new_ones(x.shape[:2])
-        packed = not self.training and eager()  # per-token layers skip a padded batch's padding
-        if packed and _padded(mask):
-            x, a = self._attention_packed(x, size, mask)
-        else:
-            a = attention(self.attn, self.norm1(x), size, mask, self.num_prefix,
-                          self.importance_mode, self.need_metric, self.prop_attn)
-            x = x + self.drop_path1(self.ls1(a.out))
+        a = attention(self.attn, self.norm1(x), size, mask, self.num_prefix,
+                      self.importance_mode, self.need_metric, self.prop_attn)
+        x = x + self.drop_path1(self.ls1(a.out))
         x, size, mask = self.reduce(x, size, mask, a)
-        if packed and _padded(mask):
-            rows = _real_rows(mask)
-            xp = _pack(x, rows)
-            return _unpack(xp + self.drop_path2(self.ls2(self.mlp(self.norm2(xp)))), rows, mask.shape), size, mask
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, size, mask
-
-    def _attention_packed(self, x: Tensor, size: Tensor, mask: Tensor) -> tuple[Tensor, AttentionOut]:
-        """The attention half of the block on a padded batch (bool mask), with the per-token layers (norm1, qkv,
-        proj) run on the real tokens only, packed as (T, C); so are norm2 and the MLP (`forward`). A batch then pays
-        for the sum of its images' token counts, not B times the widest, except in attention's N x N products and
-        the reduction, which keep the padded (B, N, *) layout where the mask keeps padding out.
-        `a.out` given to `reduce` is packed (T, C) here."""
-        rows = _real_rows(mask)  # (T,)
-        xp = _pack(x, rows)  # (T, C)
-        hp = self.norm1(xp)
-        a = attention_core(self.attn, _unpack(self.attn.qkv(hp), rows, mask.shape), size, mask, self.num_prefix,
-                           self.importance_mode, self.need_metric, self.prop_attn)
-        a = a._replace(out=attention_proj(self.attn, _pack(a.out, rows), hp))
-        return _unpack(xp + self.drop_path1(self.ls1(a.out)), rows, mask.shape), a
 
     def reduce(
         self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         return x, size, mask
-
-
-def _padded(mask: Optional[Tensor]) -> bool:
-    return mask is not None and mask.dtype == torch.bool
-
-
-def _real_rows(mask: Tensor) -> Tensor:
-    """Flat indices (T,) of the real tokens of a padded (B, N) batch."""
-    return mask.reshape(-1).nonzero().squeeze(1)
-
-
-def _pack(t: Tensor, rows: Tensor) -> Tensor:
-    """(B, N, *) -> (T, *): the real tokens, in batch order."""
-    return t.reshape((-1,) + t.shape[2:]).index_select(0, rows)
-
-
-def _unpack(t: Tensor, rows: Tensor, shape: torch.Size) -> Tensor:
-    """(T, *) -> (B, N, *) with zeros in the padding (which every reduction masks out)."""
-    B, N = shape
-    return t.new_zeros((B * N,) + t.shape[1:]).index_copy_(0, rows, t).view((B, N) + t.shape[1:])
 
 
 def _alive_count(x: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -125,6 +83,8 @@ class CompressedViT:
             x, size, mask = blk(x, size, mask)
             alive.append(_alive_count(x, mask))
             masks.append(mask)
+        if x.dim() == 2:  # a block handed on packed tokens (T, C) of a padded batch (`ltmpctl.tokens.pack`)
+            x = unpack(x, mask)
         if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             # Diagnostics of the last forward: read by token_counts() and by LTMP's FLOPs loss.
             n = torch.stack(alive, dim=1)  # (B, depth + 1)

@@ -279,3 +279,25 @@ def compact(keep: Tensor, *tensors: Tensor, min_tokens: int = 1) -> tuple[Tensor
         out.append(t.gather(1, idx))
     alive = cols.unsqueeze(0) < counts.unsqueeze(1)  # cols is 0 .. N'-1
     return alive, out
+
+
+def real_rows(mask: Tensor) -> Tensor:
+    """Flat indices (T,) of the real tokens of a padded batch (bool mask (B, N))."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def pack(t: Tensor, mask: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+    """(B, N, *) -> (T, *): the real tokens of a padded batch (bool mask (B, N)), in batch order.
+
+    Blocks of a data-dependent compressor may hand tokens on packed (x (T, C), size (T, 1)) together with the
+    padded mask: the per-token layers (norms, qkv, proj, MLP) then cost the sum of the images' own token counts.
+    `rows`: `real_rows(mask)`, when the caller has it already.
+    """
+    return t.reshape((-1,) + t.shape[2:]).index_select(0, real_rows(mask) if rows is None else rows)
+
+
+def unpack(t: Tensor, mask: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+    """(T, *) -> (B, N, *): packed tokens back in the padded layout of `mask`, zeros in the padding."""
+    B, N = mask.shape
+    out = t.new_zeros((B * N,) + t.shape[1:])
+    return out.index_copy_(0, real_rows(mask) if rows is None else rows, t).view((B, N) + t.shape[1:])

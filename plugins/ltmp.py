@@ -26,8 +26,8 @@ from torch import Tensor
 
 from ltmpctl.compressor import Compressor, Params, TokenBlock, per_block
 from ltmpctl.flops import base_macs, model_macs, vit_shape
-from ltmpctl.tokens import (AttentionOut, compact, eager, match, scatter_amax, scatter_merge, split_ab,
-                            threshold_mask)
+from ltmpctl.tokens import (AttentionOut, attention_core, attention_proj, compact, eager, match, pack, real_rows,
+                            scatter_amax, scatter_merge, split_ab, threshold_mask, unpack)
 
 Thresholds = Union[float, list[float]]
 
@@ -53,6 +53,60 @@ class LTMPBlock(TokenBlock):
     need_metric = True
     train_mask = True
     tau: float = 0.1
+
+    def forward(self, x: Tensor, size: Tensor, mask: Optional[Tensor]):  # type: ignore[override]
+        if self.training or not eager() or (x.dim() == 3 and x.shape[0] == 1 and mask is None):
+            return super().forward(x, size, mask)
+        return self._forward_packed(x, size, mask)
+
+    def _forward_packed(self, x: Tensor, size: Tensor, mask: Optional[Tensor]):
+        """Eager batched eval on packed tokens: x (T, C) and size (T, 1) hold only the batch's real tokens (each
+        image's first `counts` positions of the padded mask (B, N)), so the per-token layers (norms, qkv, proj, MLP)
+        and the merging cost the sum of the images' own counts. Only attention's N x N products and the matching
+        run padded (B, N, *), the padding masked out. Hands on packed tokens; the model unpacks after the last block.
+        """
+        if x.dim() == 3:  # the first block: tokens arrive padded (or, before any reduction, all real)
+            if mask is None:
+                mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            x, size = pack(x, mask), pack(size, mask)
+        rows = real_rows(mask)  # (T,)
+        h = self.norm1(x)
+        a = attention_core(self.attn, unpack(self.attn.qkv(h), mask, rows), unpack(size, mask, rows), mask,
+                           self.num_prefix, self.importance_mode, self.need_metric, self.prop_attn)
+        x = x + self.drop_path1(self.ls1(attention_proj(self.attn, pack(a.out, mask, rows), h)))
+        x, size, mask = self._reduce_packed(x, size, mask, a)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, size, mask
+
+    def _reduce_packed(self, x: Tensor, size: Tensor, mask: Tensor, a: AttentionOut):
+        """Merge then prune on packed tokens, deciding on the padded (B, N) statistics; same decisions, values and
+        token order per image as batch 1 (`_reduce_single`)."""
+        P = self.num_prefix
+        B, N = mask.shape
+        node_max, node_idx = match(a.metric, P, mask)  # padding never matches
+        merge = node_max > self.merge_threshold  # (B, NA)
+        (src_imp, dst_imp), (src_m, dst_m) = split_ab(a.importance, P), split_ab(mask, P)
+        dst_imp = dst_imp.scatter_reduce(1, node_idx, src_imp.masked_fill(~merge, -math.inf), "amax")
+        cand_imp = torch.cat([a.importance[:, :P], src_imp.masked_fill(merge, -math.inf), dst_imp], dim=1)
+        keep = torch.cat([mask[:, :P], src_m, dst_m], dim=1) & (cand_imp > self.prune_threshold)  # (B, N)
+        # Padded position n of image b is packed row start[b] + n (real tokens come first in every image).
+        counts = mask.sum(dim=1)
+        start = counts.cumsum(0) - counts  # (B,)
+        pos = torch.arange(N, device=x.device)
+        src_pos, dst_pos = split_ab(pos.unsqueeze(0), P)  # (1, NA), (1, NB): positions of A and B
+        t = torch.cat([x * size, size], dim=-1)  # (T, C + 1): merged alike, gathered alike
+        b, i = merge.nonzero(as_tuple=True)  # ascending (b, i): each destination adds its sources in order
+        dst_rows = start[b] + dst_pos[0, node_idx[b, i]]
+        t.index_add_(0, dst_rows, t.index_select(0, start[b] + src_pos[0, i]))
+        # Candidates in the reference's order (prefix, unmerged A, B), kept ones per image in that order.
+        cand_pos = torch.cat([pos[:P], src_pos[0], dst_pos[0]])  # (N,)
+        t = t.index_select(0, (start.unsqueeze(1) + cand_pos)[keep])
+        kept = keep.sum(dim=1)
+        # A floor of prefix + 2 positions, so that the next block's A/B split has a token on each side.
+        width = max(int(kept.max()), P + 2)
+        mask = torch.arange(width, device=x.device) < kept.unsqueeze(1)
+        size = t[:, -1:]
+        return t[:, :-1] / size, size, mask
 
     def reduce(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
         if self.training:
