@@ -21,6 +21,17 @@ TORCH_GEMM = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mk
 ORT_GEMM = {"MatMul", "FusedMatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention"}
 
 
+def op_count(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """aten ops called from Python (top-level) in one eval forward of `model` on `x`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x)
+    return sum(1 for e in prof.events() if e.cpu_parent is None)
+
+
 def torch_profile(model: torch.nn.Module, x: torch.Tensor, forwards: int = 3) -> dict[str, Any]:
     """Per forward: top-level op calls, wall ms, ms in GEMM kernels, ms in other ops, ms outside any op."""
     from torch.profiler import ProfilerActivity, profile

@@ -1,14 +1,17 @@
-"""Does cutting FLOPs cut latency? deit_tiny at 224 (random weights) with tome, topk and ltmp each set to about half
-the analytic FLOPs, timed in torch eager and onnxruntime on this machine at batch 1 and 32, against the unreduced model.
+"""Does cutting FLOPs cut latency? Every compressor at about half the FLOPs, timed against the unreduced model in
+torch eager, onnxruntime and (with --executorch) ExecuTorch's runtime, at batch 1 and 32, on deit_tiny at 224
+(random weights and images) and on the offline demo ViT (its Fashion-MNIST test images).
 
-    OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/latency_vs_flops.py --threads 2 --repeats 10 --profile
+    OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/latency_vs_flops.py --threads 2 --repeats 20
+    OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/latency_vs_flops.py --models demo --executorch --profile
 
-FLOPs = ltmpctl's analytic MACs (ltmpctl.flops) of the token counts each image of the timed batch keeps, as a
-fraction of the unreduced model's; exec = what the batched forward really computes (each block runs at the batch's
-largest count, ltmp pads the others), equal to FLOPs at batch 1. lat/FLOPs = latency ratio / FLOPs ratio: the goal
-is <= 1.10. LTMP's counts depend on the input (random here, so only indicative).
-`--profile` adds where each forward's time goes: op calls, time in matrix-product kernels (what FLOPs predict),
-in all other ops, and outside any op (Python and dispatch).
+Each compressor is calibrated to --target on a probe batch of the model's own images (real ones for the demo) and
+timed on other images of the same kind; base and compressed models run interleaved (one forward each in turn).
+FLOPs = ltmpctl's analytic MACs of the tokens each timed image keeps, as a fraction of the unreduced model's;
+exec = what the batched forward really computes (`ltmpctl.flops.executed_macs`: ltmp runs attention's n x n
+products padded to the batch's widest image), equal to FLOPs at batch 1. lat/FLOPs = latency ratio / FLOPs ratio
+(1.00 = time falls exactly with FLOPs). ops/blk = aten ops called from Python per forward, over the blocks (torch
+rows; the plain timm block is the base row). `--profile` adds where each forward's time goes.
 """
 from __future__ import annotations
 
@@ -17,102 +20,133 @@ import copy
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenMP (shared/SETUP.md)
 
 import torch  # noqa: E402
 
 import ltmpctl  # noqa: E402
-from ltmpctl.bench.local import (bench_onnx_files, bench_torch_models, compare_rows, random_batch,  # noqa: E402
-                                 set_threads)
+from ltmpctl.bench.local import (bench_onnx_files, bench_pte_files, bench_torch_models, compare_rows,  # noqa: E402
+                                 random_batch, set_threads)
 from ltmpctl.flops import batch_ratios  # noqa: E402
 
 from _methods import methods_at, short  # noqa: E402
-from _profile import ort_profile, print_profile, torch_profile  # noqa: E402
+from _profile import op_count, ort_profile, print_profile, torch_profile  # noqa: E402
 
-MODEL = "deit_tiny_patch16_224"
-INPUT = (3, 224, 224)
+
+def deit_tiny() -> tuple[str, torch.nn.Module, Callable[[int, int], torch.Tensor]]:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    return "deit_tiny 224 (random weights, random images)", model, lambda n, seed: random_batch((3, 224, 224), n, seed)
+
+
+def demo() -> tuple[str, torch.nn.Module, Callable[[int, int], torch.Tensor]]:
+    from ltmpctl import demo as demo_pkg
+    from ltmpctl.data.loaders import DataSpec, calibration_batch
+    from ltmpctl.models import ModelSpec, create
+
+    model = create(ModelSpec("demo")).eval()
+    return ("demo ViT 28x28 (Fashion-MNIST test images)", model,
+            lambda n, seed: calibration_batch(DataSpec(), dict(demo_pkg.DATA_CONFIG), n, seed))
+
+
+MODELS = {"deit_tiny": deit_tiny, "demo": demo}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--threads", type=int, default=None, help="torch/onnxruntime intra-op threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=10, help="timed forwards per row")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards per row")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
     p.add_argument("--target", type=float, default=0.5, help="FLOPs ratio every compressor is calibrated to")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the onnxruntime rows")
+    p.add_argument("--executorch", action="store_true",
+                   help="add ExecuTorch rows (batch 1; lowering takes about a minute per program)")
     p.add_argument("--profile", action="store_true", help="also print where each forward's time goes")
     return p.parse_args()
 
 
-def export_onnx(model: torch.nn.Module, out: Path) -> Path:
-    """A verified ONNX file of `model` (dynamic batch), via `ltmpctl.export`."""
-    from ltmpctl.export import export_model
+def export(model: torch.nn.Module, fmt: str, out: Path, images: torch.Tensor) -> Path:
+    """A verified export of `model` (`ltmpctl.export`), checked on `images`."""
+    from ltmpctl.export import FORMATS, export_model
 
-    images = random_batch(INPUT, 32, seed=3)
-    export_model(model, "onnx", out, images[:1], images)
-    return out / "model.onnx"
+    export_model(model, fmt, out, images[:1], images)
+    return out / FORMATS[fmt].filename
 
 
-def measure(base: torch.nn.Module, methods: list[tuple[str, dict[str, Any], float]], args: argparse.Namespace,
-            tmp: Path) -> tuple[list[dict], list[dict]]:
-    """(latency rows, profile rows): every model at every batch, torch then onnxruntime."""
-    rows, profiles = [], []
-    models = {"base": base, **{name: patched(base, name, params) for name, params, _ in methods}}
+def measure(label: str, base: torch.nn.Module, images: Callable[[int, int], torch.Tensor],
+            args: argparse.Namespace, tmp: Path) -> tuple[list[dict], list[dict]]:
+    """(latency rows, profile rows): every model at every batch, on every backend."""
+    methods = methods_at(base, args.target, images(64, 1))
+    models = {"base": base, **{name: ltmpctl.apply(copy.deepcopy(base), name, **p) for name, p, _ in methods}}
     params = {"base": "", **{name: short(p) for name, p, _ in methods}}
-    onnx_files = {name: export_onnx(m, tmp / name) for name, m in models.items()} if args.onnx else {}
+    timed_images = images(max(args.batches + [32]), 0)  # not the calibration probe
+    input_shape = tuple(timed_images.shape[1:])
+    depth = len(base.blocks)
+    files: dict[str, dict[str, Path]] = {}
+    if args.onnx:
+        files["onnxruntime"] = {n: export(m, "onnx", tmp / label / n, timed_images[:32]) for n, m in models.items()}
+    if args.executorch:
+        files["executorch"] = {n: export(m, "mobile", tmp / label / n, timed_images[:32]) for n, m in models.items()}
+    rows, profiles = [], []
     for batch in args.batches:
-        x = random_batch(INPUT, batch)  # the very batch the benchmarks time (same seed)
-        print(f"batch {batch}", flush=True)
-        # Every model of a backend timed interleaved, so all of them see the same machine.
-        timed = {"torch": bench_torch_models(list(models.values()), INPUT, batch, args.warmup, args.repeats,
-                                             threads=args.threads)}
-        if args.onnx:
-            timed["onnxruntime"] = bench_onnx_files(list(onnx_files.values()), INPUT, batch, args.warmup,
-                                                    args.repeats, threads=args.threads)
+        x = timed_images[:batch]
+        print(f"{label}: batch {batch}", flush=True)
+        timed = {"torch": bench_torch_models(list(models.values()), input_shape, batch, args.warmup, args.repeats,
+                                             threads=args.threads, images=x)}
+        if "onnxruntime" in files:
+            timed["onnxruntime"] = bench_onnx_files(list(files["onnxruntime"].values()), input_shape, batch,
+                                                    args.warmup, args.repeats, threads=args.threads, images=x)
+        if "executorch" in files and batch == 1:
+            timed["executorch"] = bench_pte_files(list(files["executorch"].values()), input_shape, args.warmup,
+                                                  args.repeats, images=x)
         for i, (name, model) in enumerate(models.items()):
             ratio, executed = batch_ratios(model, x)  # one forward on the timed batch
-            for backend_rows in timed.values():
-                rows.append({"method": name, "params": params[name], "exec_ratio": executed,
+            ops = op_count(model, x) / depth
+            for backend, backend_rows in timed.items():
+                rows.append({"model": label, "method": name, "params": params[name], "exec_ratio": executed,
+                             "ops_per_block": ops if backend == "torch" else None,
                              **compare_rows(backend_rows[0], backend_rows[i], ratio)})
             if args.profile:
                 profiles.append({"method": name, "backend": "torch", "batch": batch, **torch_profile(model, x)})
-                if args.onnx:
+                if "onnxruntime" in files:
                     profiles.append({"method": name, "backend": "onnxruntime", "batch": batch,
-                                     **ort_profile(onnx_files[name], x.numpy(), args.threads)})
+                                     **ort_profile(files["onnxruntime"][name], x.numpy(), args.threads)})
     return rows, profiles
 
 
-def patched(base: torch.nn.Module, name: str, params: dict[str, Any]) -> torch.nn.Module:
-    return ltmpctl.apply(copy.deepcopy(base), name, **params)
-
-
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'method':<6} {'backend':<11} {'params':<46} {'batch':>5} {'FLOPs':>6} {'exec':>6} {'p50 ms':>9} "
-            f"{'p90 ms':>9} {'img/s':>7} {'lat.':>6} {'speedup':>7} {'lat/FLOPs':>9}  flag")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        per_flop = r["latency_ratio"] / r["flops_ratio"]
-        print(f"{r['method']:<6} {r['backend']:<11} {r['params']:<46} {r['batch']:>5} {r['flops_ratio']:>6.3f} "
-              f"{r['exec_ratio']:>6.3f} {r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} {r['images_per_s']:>7.1f} "
-              f"{r['latency_ratio']:>6.3f} {r['speedup']:>6.2f}x {per_flop:>9.2f}  {r['flag'] or ''}")
+    head = (f"{'method':<6} {'backend':<11} {'batch':>5} {'FLOPs':>6} {'exec':>6} {'p50 ms':>9} {'img/s':>8} "
+            f"{'lat.':>6} {'speedup':>7} {'lat/FLOPs':>9} {'ops/blk':>7}  params")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        print(f"\n{model}")
+        print(head)
+        print("-" * (len(head) + 30))
+        for r in (r for r in rows if r["model"] == model):
+            ops = f"{r['ops_per_block']:7.0f}" if r["ops_per_block"] is not None else f"{'':7}"
+            print(f"{r['method']:<6} {r['backend']:<11} {r['batch']:>5} {r['flops_ratio']:>6.3f} "
+                  f"{r['exec_ratio']:>6.3f} {r['p50_ms']:>9.2f} {r['images_per_s']:>8.1f} {r['latency_ratio']:>6.3f} "
+                  f"{r['speedup']:>6.2f}x {r['latency_ratio'] / r['flops_ratio']:>9.2f} {ops}  {r['params']}")
 
 
 def main() -> None:
     args = parse_args()
     set_threads(args.threads)
-    import timm
-
-    torch.manual_seed(0)
-    base = timm.create_model(MODEL, pretrained=False).eval()
-    methods = methods_at(base, args.target, random_batch(INPUT, 8, seed=1))
+    rows: list[dict[str, Any]] = []
+    profiles: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows, profiles = measure(base, methods, args, Path(tmp))
-    print(f"\n{MODEL} {INPUT}, random weights, torch {torch.__version__} eager, {torch.get_num_threads()} threads, "
-          f"warmup {args.warmup}, repeats {args.repeats}")
+        for key in args.models:
+            label, base, images = MODELS[key]()
+            r, p = measure(label, base, images, args, Path(tmp))
+            rows += r
+            profiles += p
+    print(f"\ntorch {torch.__version__} eager, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY')}, {os.cpu_count()} CPUs, warmup {args.warmup}, repeats {args.repeats}")
     print_table(rows)
     if profiles:
         print("\nwhere the time goes, per forward (torch: under torch.profiler; onnxruntime: its node profiling)")

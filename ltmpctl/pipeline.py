@@ -253,7 +253,7 @@ def _stages(ctx: Context, base: torch.nn.Module, mspec: models.ModelSpec, dspec:
         ctx.write(export=_export(ctx, compressed, dspec, data_config))
     if st.bench.enabled:
         hooks.stage("bench")
-        ctx.write(bench=_bench(ctx, base, compressed, data_config))
+        ctx.write(bench=_bench(ctx, base, compressed, dspec, data_config))
     return ctx.summary
 
 
@@ -277,14 +277,22 @@ def _export(ctx: Context, compressed: torch.nn.Module, dspec: DataSpec, data_con
                          cfg.opset) for fmt in cfg.formats]
 
 
-def _bench(ctx: Context, base: torch.nn.Module, compressed: torch.nn.Module, data_config: dict) -> list[dict]:
+def _bench(ctx: Context, base: torch.nn.Module, compressed: torch.nn.Module, dspec: DataSpec,
+           data_config: dict) -> list[dict]:
     from .bench.local import bench_torch_models, compare_rows
+    from .data.loaders import calibration_batch
+    from .flops import batch_ratios
 
     cfg = ctx.recipe.stages.bench
     rows = []
     ratio = ctx.summary.get("flops_ratio")
+    # Timed on evaluation images (a seeded subset, eval preprocessing): what ltmp keeps depends on the image.
+    images = calibration_batch(dspec, data_config, max(cfg.batch_sizes), ctx.recipe.seed + 11)
     for batch in cfg.batch_sizes:
+        x = images[:batch]
         b, c = bench_torch_models([base, compressed], data_config["input_size"], batch, cfg.warmup, cfg.repeats,
-                                  ctx.device.type, ctx.recipe.threads)  # interleaved: one speedup, same conditions
+                                  ctx.device.type, ctx.recipe.threads, images=x)  # interleaved: same conditions
+        c["input"] = b["input"] = "run images"
+        _, c["executed_flops_ratio"] = batch_ratios(compressed, x.to(ctx.device))
         rows.append({"base": b, "compressed": compare_rows(b, c, ratio)})
     return rows

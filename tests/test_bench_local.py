@@ -160,26 +160,6 @@ def test_cli_bench_onnx_file_table(tmp_path, monkeypatch, capsys) -> None:
     assert "onnxruntime" in out and "tiny.onnx" in out and "p50 ms" in out
 
 
-def test_cli_bench_run_dir(tmp_path, monkeypatch, capsys, tiny_vit) -> None:
-    """A run directory goes through ltmpctl.runs.load_run (stubbed here) and saves to <run>/bench/."""
-    import json
-    import sys
-    import types
-
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "resolved.yaml").write_text("model: tiny\n")
-    compressed = ltmpctl.apply(copy.deepcopy(tiny_vit), "topk", keep_rate=0.5)
-    stub = types.ModuleType("ltmpctl.runs")
-    stub.load_run = lambda d: (tiny_vit, compressed, {"input_size": [3, 32, 32], "flops_ratio": 0.6})
-    monkeypatch.setitem(sys.modules, "ltmpctl.runs", stub)
-    code, out, err = _cli(monkeypatch, capsys, "bench", str(run), "--warmup", "0", "--repeats", "2", "--threads", "1")
-    assert code == 0, err
-    saved = json.loads((run / "bench" / "local-cpu.json").read_text())
-    assert [r["model"] for r in saved["rows"]] == ["base", "compressed"]
-    assert saved["rows"][1]["flops_ratio"] == 0.6 and "speedup" in saved["rows"][1]
-
-
 @pytest.mark.parametrize("argv, message", [
     (["bench", "no_such_model_xyz"], "unknown model"),
     (["bench", "missing.onnx"], "not found"),

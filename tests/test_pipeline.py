@@ -323,6 +323,28 @@ def test_load_run_rebuilds_models(ltmp_run: tuple[Path, dict[str, Any]]) -> None
     assert info["input_size"] == [1, 28, 28]
 
 
+def test_bench_run_dir_times_the_runs_own_images(ltmp_run: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """`ltmpctl bench RUN` times the run's evaluation images, so what the timed batch executes is what the run
+    measured, not what ltmp keeps on noise; rows say so and land in <run>/bench/."""
+    import json
+    import sys
+
+    from ltmpctl.cli import main
+
+    run_dir, s = ltmp_run
+    monkeypatch.setattr(sys, "argv", ["ltmpctl", "bench", str(run_dir), "--batch", "8", "--warmup", "0",
+                                      "--repeats", "2", "--threads", "1", "--json"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    assert (e.value.code or 0) == 0, out.err
+    saved = json.loads((run_dir / "bench" / "local-cpu.json").read_text())
+    base, comp = saved["rows"]
+    assert base["input"] == comp["input"] == "run images" and comp["flops_ratio"] == s["flops_ratio"]
+    assert abs(comp["executed_flops_ratio"] - s["flops_ratio"]) <= 0.05
+
+
 # -- 8. DDP on 2 CPU processes (gloo) ---------------------------------------------------------------------------------
 
 

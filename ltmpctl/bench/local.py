@@ -15,7 +15,7 @@ from ..errors import ConfigError, ModelError
 from .stats import compare_rows, make_row, summarize
 
 __all__ = ["set_threads", "random_batch", "bench_torch", "bench_torch_models", "bench_onnx", "bench_onnx_files",
-           "compare_rows", "flops_ratio"]
+           "bench_pte_files", "compare_rows", "flops_ratio"]
 
 _ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -113,17 +113,29 @@ def bench_torch(model: torch.nn.Module, input_shape: Sequence[int], batch: int, 
     return bench_torch_models([model], input_shape, batch, warmup, repeats, device, threads, seed)[0]
 
 
+def _timed_batch(input_shape: Sequence[int], batch: int, seed: int, images: Optional[torch.Tensor]) -> torch.Tensor:
+    """The batch a benchmark times: the first `batch` of `images` when given (a data-dependent compressor's cost
+    depends on what it sees), else the seeded random batch."""
+    if images is None:
+        return random_batch(input_shape, batch, seed)
+    if len(images) < batch or tuple(images.shape[1:]) != tuple(input_shape):
+        raise ConfigError(f"{len(images)} images of shape {tuple(images.shape[1:])} can't make a batch of {batch} "
+                          f"{tuple(input_shape)} inputs", "give at least --batch images of the model's input size")
+    return images[:batch].contiguous()
+
+
 def bench_torch_models(models: Sequence[torch.nn.Module], input_shape: Sequence[int], batch: int, warmup: int,
                        repeats: int, device: str = "cpu", threads: Optional[int] = None,
-                       seed: int = 0) -> list[dict[str, Any]]:
+                       seed: int = 0, images: Optional[torch.Tensor] = None) -> list[dict[str, Any]]:
     """`bench_torch` for several models on the same batch, timed interleaved (one row each, in order).
 
     Each model's first forward and warm-up run on their own first, which is where its peak memory is taken.
+    `images`: time on these (the first `batch`) instead of the seeded random batch.
     """
     _check_counts(batch, warmup, repeats)
     dev = _torch_device(device)
     models = [m.eval().to(dev) for m in models]
-    x = random_batch(input_shape, batch, seed).to(dev)  # (B, C, H, W)
+    x = _timed_batch(input_shape, batch, seed, images).to(dev)  # (B, C, H, W)
     peaks = []
     with _threads(threads) as used, torch.inference_mode():
         for model in models:
@@ -193,8 +205,9 @@ def bench_onnx(path: str | Path, input_shape: Sequence[int], batch: int, warmup:
 
 def bench_onnx_files(paths: Sequence[str | Path], input_shape: Sequence[int], batch: int, warmup: int, repeats: int,
                      threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
-                     seed: int = 0) -> list[dict[str, Any]]:
-    """`bench_onnx` for several files on the same batch, timed interleaved (one row each, in order)."""
+                     seed: int = 0, images: Optional[torch.Tensor] = None) -> list[dict[str, Any]]:
+    """`bench_onnx` for several files on the same batch, timed interleaved (one row each, in order).
+    `images`: time on these (the first `batch`) instead of the seeded random batch."""
     import numpy as np
 
     _check_counts(batch, warmup, repeats)
@@ -203,7 +216,10 @@ def bench_onnx_files(paths: Sequence[str | Path], input_shape: Sequence[int], ba
         if not p.is_file():
             raise ConfigError(f"ONNX file {str(p)!r} not found", "check the path")
     chosen = _ort_providers(providers)
-    x = np.random.default_rng(seed).standard_normal((batch, *input_shape), dtype=np.float32)
+    if images is None:
+        x = np.random.default_rng(seed).standard_normal((batch, *input_shape), dtype=np.float32)
+    else:
+        x = _timed_batch(input_shape, batch, seed, images).numpy()
     runs, peaks, devices = [], [], []
     for p in files:
         rss0 = _maxrss_mb()
@@ -220,6 +236,28 @@ def bench_onnx_files(paths: Sequence[str | Path], input_shape: Sequence[int], ba
     return [make_row(backend="onnxruntime", device=d, batch=batch, threads=threads, warmup=warmup, repeats=repeats,
                      stats=summarize(t, batch), peak_mem_mb=peak, timing="per-iteration")
             for t, peak, d in zip(times, peaks, devices)]
+
+
+def bench_pte_files(paths: Sequence[str | Path], input_shape: Sequence[int], warmup: int, repeats: int,
+                    seed: int = 0, images: Optional[torch.Tensor] = None) -> list[dict[str, Any]]:
+    """ExecuTorch `.pte` programs (batch 1, as `ltmpctl export --format mobile` writes them) timed interleaved in
+    ExecuTorch's runtime on this machine: the XNNPACK delegate and portable kernels a phone runs, on this CPU."""
+    from ..export.mobile import load
+
+    _check_counts(1, warmup, repeats)
+    x = _timed_batch(input_shape, 1, seed, images)
+    runs = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise ConfigError(f"ExecuTorch program {str(p)!r} not found", "check the path")
+        run = load(p)
+        _first_forward(lambda r=run: r(x), tuple(x.shape))
+        for _ in range(warmup):
+            run(x)
+        runs.append(lambda r=run: r(x))
+    times = _interleaved(runs, repeats, lambda: None)
+    return [make_row(backend="executorch", device="cpu", batch=1, threads=None, warmup=warmup, repeats=repeats,
+                     stats=summarize(t, 1), peak_mem_mb=None, timing="per-iteration") for t in times]
 
 
 def flops_ratio(model: torch.nn.Module, images: torch.Tensor) -> float:

@@ -81,29 +81,53 @@ def _progress(what: str) -> None:
 
 
 def _bench_pair(base: Any, compressed: Optional[Any], input_size: tuple[int, ...], opts: _Opts,
-                flops_ratio: Optional[float], label: str) -> list[dict[str, Any]]:
+                flops_ratio: Optional[float], label: str, images: Optional[Any] = None) -> list[dict[str, Any]]:
     """Base (and compressed) torch eager rows at each batch, the compressed rows compared with the base ones.
 
-    The two are timed interleaved on the same batch, so the speedup is measured under the same conditions."""
+    The two are timed interleaved on the same batch, so the speedup is measured under the same conditions.
+    `images`: the batch source (a run's evaluation images); None times seeded random input, said in each row."""
     from ..bench.local import bench_torch_models, compare_rows, random_batch
     from ..flops import batch_ratios
 
     rows = []
     models = [base] if compressed is None else [base, compressed]
+    source = "random" if images is None else "run images"
     for batch in opts.batches:
-        _progress(f"base{'' if compressed is None else ' and ' + label}, batch {batch}")
+        x = random_batch(input_size, batch) if images is None else images[:batch]
+        _progress(f"base{'' if compressed is None else ' and ' + label}, batch {batch}, {source}")
         timed_rows = bench_torch_models(models, input_size, batch, opts.warmup, opts.repeats, opts.device,
-                                        opts.threads)
-        b = {"model": "base", **timed_rows[0]}
+                                        opts.threads, images=x)
+        b = {"model": "base", "input": source, **timed_rows[0]}
         rows.append(b)
         if compressed is None:
             continue
-        c = {"model": label, **timed_rows[1]}
+        c = {"model": label, "input": source, **timed_rows[1]}
         # On the very batch that was timed (token counts can depend on the input). Executed: what that forward
-        # computed, as data-dependent compressors pad each block to the batch's widest image.
-        mean, c["executed_flops_ratio"] = batch_ratios(compressed, random_batch(input_size, batch))
+        # computed (data-dependent compressors run attention's n x n products at the batch's widest image).
+        mean, c["executed_flops_ratio"] = batch_ratios(compressed, x)
         rows.append(compare_rows(b, c, flops_ratio if flops_ratio is not None else mean))
     return rows
+
+
+def _run_images(info: dict[str, Any], n: int, input_size: tuple[int, ...]) -> Optional[Any]:
+    """n of the run's evaluation images (seeded subset, the run's eval preprocessing), or None (with a note)
+    when they can't be read or don't fit the asked input size; the bench then times random input."""
+    from ..data.loaders import DataSpec, calibration_batch
+    from ..errors import LtmpctlError
+
+    if tuple(info["input_size"]) != tuple(input_size):
+        err_console.print("[yellow]note:[/] --input-size differs from the run's; timing random input")
+        return None
+    try:
+        images = calibration_batch(DataSpec(**info["data"]), info["data_config"], n, seed=0)
+    except LtmpctlError as e:
+        err_console.print(f"[yellow]note:[/] the run's images can't be read ({e}); timing random input")
+        return None
+    if len(images) < n:
+        err_console.print(f"[yellow]note:[/] the run's data has {len(images)} images, fewer than --batch {n}; "
+                          "timing random input")
+        return None
+    return images
 
 
 def _build_models(name: str, compressor: Optional[str], params: dict[str, Any], kwargs: dict[str, Any],
@@ -226,13 +250,14 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def _render(rows: list[dict[str, Any]]) -> None:
-    table = Table("model", "backend", "device", "batch", "p50 ms", "p90 ms", "images/s", "FLOPs", "latency",
-                  "speedup", "flag")
+    table = Table("model", "backend", "device", "input", "batch", "p50 ms", "p90 ms", "images/s", "FLOPs", "exec",
+                  "latency", "speedup", "flag")
     for r in rows:
         speedup = f"{r['speedup']:.2f}x" if r.get("speedup") is not None else "-"
-        table.add_row(str(r.get("model", "")), r["backend"], r["device"], str(r["batch"]), _fmt(r["p50_ms"], ".2f"),
+        table.add_row(str(r.get("model", "")), r["backend"], r["device"], str(r.get("input", "-")), str(r["batch"]),
+                      _fmt(r["p50_ms"], ".2f"),
                       _fmt(r["p90_ms"], ".2f"), _fmt(r["images_per_s"], ".1f"), _fmt(r.get("flops_ratio"), ".3f"),
-                      _fmt(r.get("latency_ratio"), ".3f"), speedup,
+                      _fmt(r.get("executed_flops_ratio"), ".3f"), _fmt(r.get("latency_ratio"), ".3f"), speedup,
                       f"[yellow]{r['flag']}[/]" if r.get("flag") else "")
     console.print(table)
 
@@ -257,10 +282,11 @@ def _bench_model_target(kind: str, target: Any, backends: list[str], opts: _Opts
         base, compressed, info = _load_run(target)
         size = input_size or tuple(info["input_size"])
         label, flops = "compressed", info.get("flops_ratio")
+        images = _run_images(info, max(opts.batches), size)
     else:
         base, compressed, size0 = _build_models(target, compressor, params, kwargs, checkpoint, pretrained)
-        size, label, flops = input_size or size0, compressor or "compressed", None
-    rows = _bench_pair(base, compressed, size, opts, flops, label)
+        size, label, flops, images = input_size or size0, compressor or "compressed", None, None
+    rows = _bench_pair(base, compressed, size, opts, flops, label, images)
     return rows, {"input_size": list(size)}
 
 
