@@ -113,9 +113,10 @@ def measure(label: str, base: torch.nn.Module, images: Callable[[int, int], torc
                              "ops_per_block": ops if backend == "torch" else None,
                              **compare_rows(backend_rows[0], backend_rows[i], ratio)})
             if args.profile:
-                profiles.append({"method": name, "backend": "torch", "batch": batch, **torch_profile(model, x)})
+                profiles.append({"model": label, "method": name, "backend": "torch", "batch": batch,
+                                 **torch_profile(model, x)})
                 if "onnxruntime" in files:
-                    profiles.append({"method": name, "backend": "onnxruntime", "batch": batch,
+                    profiles.append({"model": label, "method": name, "backend": "onnxruntime", "batch": batch,
                                      **ort_profile(files["onnxruntime"][name], x.numpy(), args.threads)})
     return rows, profiles
 
@@ -150,7 +151,9 @@ def main() -> None:
     print_table(rows)
     if profiles:
         print("\nwhere the time goes, per forward (torch: under torch.profiler; onnxruntime: its node profiling)")
-        print_profile(profiles)
+        for model in dict.fromkeys(r["model"] for r in profiles):
+            print(f"\n{model}")
+            print_profile([r for r in profiles if r["model"] == model])
 
 
 if __name__ == "__main__":
