@@ -144,7 +144,8 @@ def measured_ratio(model: torch.nn.Module, images: Tensor, batch_size: int = 64)
 
 def padded_macs(s: ViTShape, n: Number, merging: bool) -> Number:
     """The part of a block's MACs that a padded batch computes at its widest image's count n: attention's two
-    n x n products and the matching similarity. Every other layer is per token and runs packed (`TokenBlock`)."""
+    n x n products and the matching similarity. Every other layer is per token and runs on the real tokens
+    only (`ltmpctl.tokens.pack`)."""
     return 2 * n * n * s.attn_dim + (merge_macs(s, n) if merging else 0.0)
 
 

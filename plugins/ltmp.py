@@ -12,7 +12,7 @@ Train mode keeps every token in the tensor with a differentiable mask (straight-
 Eval at batch 1 (eager) simply selects the kept tokens. Batched eval: images keep different numbers of tokens, so
 after each block each image's kept tokens are moved to the front (order preserved) and the batch is padded to its
 largest count; a boolean key mask keeps padding out of softmax, importance and matching (`ltmpctl.tokens`), and the
-per-token layers run on the real tokens only (`TokenBlock`'s packed form). Each image therefore gets exactly what
+per-token layers run on the real tokens only (`LTMPBlock._forward_packed`). Each image therefore gets exactly what
 batch 1 gives.
 """
 from __future__ import annotations
@@ -85,9 +85,8 @@ class LTMPBlock(TokenBlock):
         B, N = mask.shape
         node_max, node_idx = match(a.metric, P, mask)  # padding never matches
         merge = node_max > self.merge_threshold  # (B, NA)
-        (src_imp, dst_imp), (src_m, dst_m) = split_ab(a.importance, P), split_ab(mask, P)
-        dst_imp = dst_imp.scatter_reduce(1, node_idx, src_imp.masked_fill(~merge, -math.inf), "amax")
-        cand_imp = torch.cat([a.importance[:, :P], src_imp.masked_fill(merge, -math.inf), dst_imp], dim=1)
+        src_m, dst_m = split_ab(mask, P)
+        cand_imp = _candidate_importance(a.importance, node_idx, merge, P)
         keep = torch.cat([mask[:, :P], src_m, dst_m], dim=1) & (cand_imp > self.prune_threshold)  # (B, N)
         # Padded position n of image b is packed row start[b] + n (real tokens come first in every image).
         counts = mask.sum(dim=1)
@@ -144,7 +143,7 @@ class LTMPBlock(TokenBlock):
     def _reduce_single(self, x: Tensor, size: Tensor, a: AttentionOut):
         """Eager batch 1: no padding, so no mask to carry; tokens are simply selected (index_select), never padded.
 
-        Same decisions and values as the batched form below. ~20 small ops, none of which wakes the CPU thread pool
+        Same decisions and values as the batched forms (`_reduce_packed`, `_reduce_eval`). ~20 small ops, none of which wakes the CPU thread pool
         at these sizes (the dense scatter-max and the cumsum compaction exist only for the export runtimes).
         """
         P = self.num_prefix
@@ -153,12 +152,10 @@ class LTMPBlock(TokenBlock):
         if x.shape[1] - P >= 2:  # something to match (an image pruned to its prefix tokens has not)
             node_max, node_idx = match(a.metric, P, None)
             merge = node_max > self.merge_threshold  # (1, NA)
-            (src_t, dst_t), (src_imp, dst_imp) = split_ab(t, P), split_ab(imp, P)
+            src_t, dst_t = split_ab(t, P)
             dst_t = scatter_merge(dst_t, node_idx, src_t * merge.unsqueeze(-1))
-            dst_imp = dst_imp.scatter_reduce(1, node_idx, src_imp.masked_fill(~merge, -math.inf), "amax")
-            # Candidates in the reference's order: prefix, A (merged ones at -inf: never kept), B (merged into).
-            t = torch.cat([t[:, :P], src_t, dst_t], dim=1)
-            imp = torch.cat([imp[:, :P], src_imp.masked_fill(merge, -math.inf), dst_imp], dim=1)
+            t = torch.cat([t[:, :P], src_t, dst_t], dim=1)  # candidates in the reference's order
+            imp = _candidate_importance(imp, node_idx, merge, P)
         t = t.index_select(1, (imp[0] > self.prune_threshold).nonzero().squeeze(1))
         size = t[..., -1:]
         return t[..., :-1] / size, size, None
@@ -184,6 +181,14 @@ class LTMPBlock(TokenBlock):
         mask, (t,) = compact(keep, torch.cat([t[:, :P], src_t, dst_t], dim=1), min_tokens=P + 2)
         size = t[..., -1:]
         return t[..., :-1] / size, size, mask
+
+
+def _candidate_importance(imp: Tensor, node_idx: Tensor, merge: Tensor, P: int) -> Tensor:
+    """Importance (B, N) of the merge's candidates in the reference's order (prefix, A, B): a merged A token gets
+    -inf (never kept), a B token the max of its own and its merged sources' (eager only: scatter_reduce)."""
+    src_imp, dst_imp = split_ab(imp, P)
+    dst_imp = dst_imp.scatter_reduce(1, node_idx, src_imp.masked_fill(~merge, -math.inf), "amax")
+    return torch.cat([imp[:, :P], src_imp.masked_fill(merge, -math.inf), dst_imp], dim=1)
 
 
 class LTMP(Compressor):
