@@ -3,13 +3,16 @@
     validate everything -> for each (compressor, target): reuse a finished run or compress -> bench base + each
     -> compare.json, compare.csv, pareto.png in the compare dir
 
-Runs live under `<compare dir>/runs/<compressor>-<target>/` and are matched by `config_hash` of their resolved
+Runs live under `<compare dir>/runs/<compressor>-<target>/` and are matched by `result_hash` of their resolved
 recipe, so repeating a compare (or widening it by a target) only runs what is missing; an interrupted run with the
-same recipe is resumed rather than restarted.
+same recipe is resumed rather than restarted. Finished `ltmpctl compress` runs under runs/ count too: the one
+`ltmpctl compress demo --target 0.5` left is reused by `ltmpctl compare ltmp tome` for its ltmp @ 0.5 cell.
 """
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 from . import report
 from .bench.local import bench_torch_models, compare_rows
-from .config import Recipe, config_hash, load_yaml, resolve
+from .config import Recipe, load_yaml, resolve, to_dict
 from .errors import ConfigError, LtmpctlError
 from .models import DEMO
 from .pipeline import Hooks, resolve_device, run_compress
@@ -32,15 +35,19 @@ COLUMNS = ("compressor", "target", "flops_ratio", "gmacs", "top1", "delta_top1",
 STAGE_DEFAULTS: dict[str, Any] = {"stages.flops.enabled": False, "stages.export.enabled": False,
                                   "stages.bench.enabled": False}
 RESUMABLE = ("failed", "interrupted")
+# Stages that measure or package a finished model but never change it, its top-1 or its GMACs: a run that had
+# them on gives the same compare row as one that had them off.
+REPORT_ONLY_STAGES = ("flops", "export", "bench")
+HASH_KEY = "result_hash"  # where a compare stores a run's result_hash in its summary.json
 
 
 @dataclass
 class CompareSpec:
     """What to compare; the CLI fills it from its flags."""
 
-    model: str  # alias, timm name, or `demo`
-    compressors: list[str]  # registered compressor names, in table order
-    targets: list[float]  # fractions of FLOPs to keep, each in (0, 1]
+    model: str = DEMO  # alias, timm name, or `demo` (offline: the bundled Fashion-MNIST ViT)
+    compressors: list[str] = field(default_factory=list)  # registered compressor names, in table order
+    targets: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7])  # FLOPs fractions, in (0, 1]
     recipe: Optional[Path] = None  # base recipe; None = the demo recipe for `demo`, else the defaults
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted recipe keys from flags (data.path, ...)
     sets: list[str] = field(default_factory=list)  # --set PATH=VALUE, applied last, to every run
@@ -152,7 +159,7 @@ def plan(spec: CompareSpec) -> list[Planned]:
             if not recipe.stages.evaluate.enabled:
                 raise ConfigError("stages.evaluate.enabled: compare reads top-1 and GMACs from the evaluate stage",
                                   "leave stages.evaluate enabled")
-            cells.append(Planned(name, target, recipe, config_hash(recipe)))
+            cells.append(Planned(name, target, recipe, result_hash(recipe)))
     return cells
 
 
@@ -164,21 +171,32 @@ def default_dir(when: Optional[datetime] = None) -> Path:
     return RUNS_ROOT / f"compare-{stamp}"
 
 
+def result_hash(recipe: Recipe) -> str:
+    """A short hash of everything that decides a compare row (the recipe without `out` and the report-only
+    stages): equal for two runs exactly when a compare may use one for the other."""
+    tree = to_dict(recipe)
+    for stage in REPORT_ONLY_STAGES:
+        tree.get("stages", {}).pop(stage, None)
+    tree.pop("out", None)
+    blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def _run_hash(run: RunDir) -> Optional[str]:
-    """The run's config_hash: from its summary, else recomputed from resolved.yaml; None if it has neither."""
+    """The run's result_hash: from its summary, else recomputed from resolved.yaml; None if it has neither."""
     try:
-        stored = run.read_summary().get("config_hash")
+        stored = run.read_summary().get(HASH_KEY)
         if stored:
             return str(stored)
         if run.file("resolved.yaml").is_file():
-            return config_hash(resolve(run.file("resolved.yaml")))
+            return result_hash(resolve(run.file("resolved.yaml")))
     except LtmpctlError:  # a hand-edited or foreign directory: never a match
         return None
     return None
 
 
 def index_runs(runs_root: Path) -> dict[str, list[tuple[Path, Optional[str]]]]:
-    """config_hash -> [(run dir, state)] for every run directory under `runs_root`."""
+    """result_hash -> [(run dir, state)] for every run directory under `runs_root`."""
     found: dict[str, list[tuple[Path, Optional[str]]]] = {}
     if not runs_root.is_dir():
         return found
@@ -190,6 +208,13 @@ def index_runs(runs_root: Path) -> dict[str, list[tuple[Path, Optional[str]]]]:
         if h is not None:
             found.setdefault(h, []).append((path, run.state()))
     return found
+
+
+def shared_roots(own: Path) -> list[Path]:
+    """Where else finished runs live: runs/ itself and every earlier compare's runs/ folder (not `own`)."""
+    roots = [RUNS_ROOT, *sorted(RUNS_ROOT.glob("*/runs"))] if RUNS_ROOT.is_dir() else []
+    mine = own.resolve()
+    return [r for r in roots if r.is_dir() and r.resolve() != mine]
 
 
 def _free_dir(runs_root: Path, name: str) -> Path:
@@ -218,7 +243,7 @@ def ensure_run(cell: Planned, runs_root: Path, index: dict[str, list[tuple[Path,
     recipe = cell.recipe.model_copy(update={"out": str(path)})
     run_compress(recipe, hooks, resume=path if resumable else None)
     # Stored so later compares match this run without re-resolving its recipe.
-    RunDir(path).update_summary(config_hash=cell.hash)
+    RunDir(path).update_summary(**{HASH_KEY: cell.hash})
     index.setdefault(cell.hash, []).append((path, "complete"))
     cell.run = path
 
@@ -314,6 +339,11 @@ def compare(spec: CompareSpec, hooks: Optional[Hooks] = None) -> dict[str, Any]:
     runs_root = compare_dir / "runs"
     runs_root.mkdir(parents=True, exist_ok=True)
     index = index_runs(runs_root)
+    for root in shared_roots(runs_root):
+        # Finished runs of the same recipe elsewhere (`ltmpctl compress demo --target 0.5`, an earlier compare) are
+        # reused as they are; unfinished ones there are left to their owner rather than resumed from here.
+        for h, found in index_runs(root).items():
+            index.setdefault(h, []).extend((p, st) for p, st in found if st == "complete")
     for cell in cells:
         ensure_run(cell, runs_root, index, hooks)
     settings = bench_settings(spec, cells[0].recipe)

@@ -28,6 +28,27 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]
     return atomic_write(path, buf.getvalue().encode("utf-8"))
 
 
+def rounded(value: Any, digits: int = 4) -> str:
+    """A parameter value for a table: floats to `digits` significant digits, the rest as written."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    return format(value, f".{digits}g")
+
+
+def params_by_block(params: dict[str, Any]) -> tuple[list[str], list[list[str]], dict[str, str]]:
+    """Learned parameters as a per-block table: (column names, one row per block, scalar parameters).
+
+    A list-valued parameter becomes a column (block i's value in row i; shorter lists leave empty cells); every
+    other value (a number, a string, a dict) is a scalar, shown once. Values are rounded for reading; the run's
+    summary.json (`--json`) keeps full precision."""
+    columns = [k for k, v in params.items() if isinstance(v, (list, tuple))]
+    depth = max((len(params[k]) for k in columns), default=0)
+    rows = [[str(i)] + [rounded(params[k][i]) if i < len(params[k]) else "" for k in columns] for i in range(depth)]
+    scalars = {k: (json.dumps(v) if isinstance(v, dict) else rounded(v)) for k, v in params.items()
+               if k not in columns}
+    return ["block", *columns], rows, scalars
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both axes (lower x = cheaper, higher y = better), by x."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -360,7 +359,7 @@ def _check_cli(name: str, tmp_path: Path, out: str, err: str, code: int, expecte
         shell = [json.loads(ln).get("shell", []) for ln in (tmp_path / "happy.jsonl").read_text().splitlines()]
         assert any(a.endswith("/model one.pte") for words in shell for a in words)
     elif name == "devices":
-        listed = [(d["serial"], d["state"]) for d in json.loads(out)]
+        listed = [(d["serial"], d["state"]) for d in json.loads(out)["attached"]]
         assert listed == [(PIXEL7["serial"], "device"), (UNAUTHORIZED["serial"], "unauthorized")]
     elif name == "no_adb":
         assert "apt-get install adb" in err

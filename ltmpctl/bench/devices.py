@@ -1,20 +1,20 @@
 """Android devices: the alias table, parsing `adb devices -l`, and picking one device from a user's query.
 
 A query may be a serial (exact), a model as adb prints it (`Pixel_7`, also written `Pixel 7` or `pixel7`), a
-device codename (`panther`), or an alias from ALIASES / the user's devices.yaml (`pixel7` -> `panther`).
+device codename (`panther`), an alias from ALIASES / the user's devices.yaml (`pixel7` -> `panther`), or `default`
+(devices.yaml's default_device; with none set, the one attached device).
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..errors import ConfigError, DeviceError
+from ..errors import DeviceError
 
-# Marketing name -> device codename (what `adb devices -l` prints as device:/product:). Extend it with a YAML
-# mapping in $LTMPCTL_DEVICES or ~/.config/ltmpctl/devices.yaml rather than here.
+# Marketing name -> device codename (what `adb devices -l` prints as device:/product:). Extend it with `aliases:`
+# in the user's devices.yaml (devconfig) rather than here.
 ALIASES: dict[str, str] = {
     "pixel6": "oriole",
     "pixel6pro": "raven",
@@ -33,8 +33,6 @@ ALIASES: dict[str, str] = {
     "pixel9profold": "comet",
     "pixel9a": "tegu",
 }
-USER_ALIASES_ENV = "LTMPCTL_DEVICES"
-USER_ALIASES_FILE = Path("~/.config/ltmpctl/devices.yaml")
 READY = "device"  # the state adb gives a usable device
 _QUALIFIERS = ("usb", "product", "model", "device", "transport_id")
 
@@ -84,32 +82,12 @@ def normalize(name: str) -> str:
 
 
 def load_aliases(path: Optional[Path] = None) -> dict[str, str]:
-    """ALIASES merged with the user's YAML mapping (alias -> codename); the user's entries win."""
-    if path is None:
-        env = os.environ.get(USER_ALIASES_ENV)
-        path = Path(env) if env else USER_ALIASES_FILE.expanduser()
-        if not env and not path.is_file():
-            return dict(ALIASES)
+    """ALIASES merged with the user's devices.yaml aliases (alias -> codename); the user's entries win."""
+    from . import devconfig
+
     merged = dict(ALIASES)
-    merged.update(_read_alias_file(Path(path)))
+    merged.update({normalize(k): v for k, v in devconfig.load(path).aliases.items()})
     return merged
-
-
-def _read_alias_file(path: Path) -> dict[str, str]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"can't read device aliases {str(path)!r}: {e.strerror}",
-                          f"fix the file or unset ${USER_ALIASES_ENV}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"device aliases {str(path)!r} are not valid YAML: {str(e).splitlines()[0]}",
-                          "write one `alias: codename` per line") from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise ConfigError(f"device aliases {str(path)!r} must map names to codenames",
-                          "write one `alias: codename` per line, e.g. `labphone: panther`")
-    return {normalize(k): v for k, v in data.items()}
 
 
 def parse_devices(output: str) -> list[Device]:
@@ -181,3 +159,19 @@ def resolve(query: str, devices: list[Device], aliases: Optional[dict[str, str]]
         raise AmbiguousDeviceError(f"{len(matches)} attached devices match {query!r}: {_listing(matches)}",
                                    "pass the serial of the one you mean")
     return check_ready(matches[0])
+
+
+def default_query(configured: Optional[str], devices: list[Device]) -> str:
+    """What `--adb default` stands for: devices.yaml's default_device, else the one ready device attached."""
+    if configured:
+        return configured
+    ready = [d for d in devices if d.state == READY]
+    if len(ready) == 1:
+        return ready[0].serial
+    if not devices:
+        raise NoDevicesError("no Android devices attached",
+                             "plug the phone in with USB debugging on; `adb devices -l` should list it")
+    raise AmbiguousDeviceError(f"`--adb default` but devices.yaml sets no default_device and {len(ready)} devices "
+                               f"are ready: {_listing(ready) or 'none'}",
+                               "add `default_device: NAME` to devices.yaml (`ltmpctl devices` shows where it is), "
+                               "or pass --adb NAME")

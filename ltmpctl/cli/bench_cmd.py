@@ -15,6 +15,7 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from ._app import app, console, err_console
+from ._pairs import PairsCommand
 
 FILE_SUFFIXES = (".onnx", ".pte", ".pt")
 RUN_MARKER = "resolved.yaml"
@@ -23,21 +24,41 @@ BACKENDS = ("torch", "onnxruntime")
 
 
 @app.command("devices")
-def devices_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
-    """List the Android devices adb sees, with the names `--adb` accepts."""
+def devices_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
+    """Your phone setup (devices.yaml: runners, aliases, default device) and the Android devices adb sees."""
+    from ..bench import devconfig
     from ..bench.adb import list_devices
 
-    found = list_devices()
+    cfg = devconfig.load()
+    if not json_out:
+        _render_setup(cfg)
+    found = list_devices()  # after the setup: it is worth showing even where adb is missing
     if json_out:
-        typer.echo(json.dumps([asdict(d) for d in found], indent=2))
+        typer.echo(json.dumps({"setup": cfg.as_dict(), "attached": [asdict(d) for d in found]}, indent=2))
         return
     if not found:
         err_console.print("no devices attached (plug the phone in with USB debugging on)")
         return
-    table = Table("serial", "state", "model", "device", "product")
+    table = Table("serial", "state", "model", "device", "product", title="attached")
     for d in found:
         table.add_row(d.serial, d.state, d.model or "-", d.device or "-", d.product or "-")
     console.print(table)
+
+
+def _render_setup(cfg: Any) -> None:
+    from ..bench.devconfig import RUNTIMES
+
+    state = "" if cfg.exists else " (not created yet)"
+    console.print(f"setup: {cfg.path}{state}", highlight=False)
+    console.print(f"default device (--adb default): {cfg.default_device or '-'}", highlight=False)
+    table = Table("runtime", "runner", "runs", "host path", title="runners")
+    for runtime, (binary, suffix) in RUNTIMES.items():
+        path = cfg.runners.get(runtime)
+        where = "-" if path is None else (str(path) if path.is_file() else f"{path} [red](missing)[/]")
+        table.add_row(runtime, binary, suffix, where)
+    console.print(table)
+    if cfg.aliases:
+        console.print("aliases: " + ", ".join(f"{k} -> {v}" for k, v in cfg.aliases.items()), highlight=False)
 
 
 @dataclass
@@ -196,18 +217,34 @@ def _load_torchscript(path: Path) -> Any:
 
 def _bench_file_adb(path: Path, device: str, runner: Optional[Path], input_size: tuple[int, ...], opts: _Opts,
                     taskset: Optional[str], runner_args: list[str]) -> list[dict[str, Any]]:
+    from ..bench import devconfig
+    from ..bench.ondevice import runner_for_file
     from ..bench.runners import bench_adb
 
-    if runner is None:
-        raise ConfigError("--adb needs --runner", "give the host path of executor_runner (.pte), "
-                          "onnxruntime_perf_test (.onnx) or speed_benchmark_torch (.pt)")
+    binary = runner_for_file(path, runner, devconfig.load())
     rows = []
     for batch in opts.batches:
         _progress(f"{path.name} on {device}, batch {batch}")
-        row = bench_adb(device, path, runner, input_size, opts.warmup, opts.repeats, taskset, runner_args,
+        row = bench_adb(device, path, binary, input_size, opts.warmup, opts.repeats, taskset, runner_args,
                         batch=batch, threads=opts.threads)
         rows.append({"model": path.name, **row})
     return rows
+
+
+def _bench_run_adb(run_dir: Path, device: str, runner: Optional[Path], opts: _Opts, taskset: Optional[str],
+                   runner_args: list[str]) -> list[dict[str, Any]]:
+    """The run's exported program on the phone, fed the run's evaluation images."""
+    from ..bench import devconfig
+    from ..bench.ondevice import bench_run_on_device, ensure_export, runner_for_run
+
+    runtime, binary = runner_for_run(runner, devconfig.load())  # before any work: a missing runner is one line
+    _, compressed, info = _load_run(run_dir)
+    model_file = ensure_export(run_dir, runtime, _progress)
+    images = _run_images(info, max(opts.batches), tuple(info["input_size"]))
+    return bench_run_on_device(run_dir, device, binary, runtime, model_file=model_file, compressed=compressed,
+                               info=info, images=images, batches=opts.batches, warmup=opts.warmup,
+                               repeats=opts.repeats, threads=opts.threads, taskset=taskset, runner_args=runner_args,
+                               progress=_progress)
 
 
 def _device_key(row: dict[str, Any]) -> str:
@@ -250,13 +287,13 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def _render(rows: list[dict[str, Any]]) -> None:
-    table = Table("model", "backend", "device", "input", "batch", "p50 ms", "p90 ms", "images/s", "FLOPs", "exec",
+    table = Table("model", "backend", "device", "input", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "FLOPs", "exec",
                   "latency", "speedup", "flag")
     for r in rows:
         speedup = f"{r['speedup']:.2f}x" if r.get("speedup") is not None else "-"
         table.add_row(str(r.get("model", "")), r["backend"], r["device"], str(r.get("input", "-")), str(r["batch"]),
                       _fmt(r["p50_ms"], ".2f"),
-                      _fmt(r["p90_ms"], ".2f"), _fmt(r["images_per_s"], ".1f"), _fmt(r.get("flops_ratio"), ".3f"),
+                      _fmt(r["p90_ms"], ".2f"), _fmt(r.get("p99_ms"), ".2f"), _fmt(r["images_per_s"], ".1f"), _fmt(r.get("flops_ratio"), ".3f"),
                       _fmt(r.get("executed_flops_ratio"), ".3f"), _fmt(r.get("latency_ratio"), ".3f"), speedup,
                       f"[yellow]{r['flag']}[/]" if r.get("flag") else "")
     console.print(table)
@@ -290,61 +327,101 @@ def _bench_model_target(kind: str, target: Any, backends: list[str], opts: _Opts
     return rows, {"input_size": list(size)}
 
 
-@app.command("bench")
+LOCAL_WARMUP, LOCAL_REPEATS = 5, 20
+# On a phone, as the LTMP paper timed: 50 untimed runs (clocks and caches settle), then 200 timed ones.
+ADB_WARMUP, ADB_REPEATS = 50, 200
+
+
+def _pick_target(target: Optional[str], run: Optional[Path]) -> tuple[str, Any]:
+    """(kind, object) of what to bench: TARGET, --run, or the latest finished run under runs/ (said on stderr)."""
+    from ..latest import latest_run
+
+    if target is not None and run is not None:
+        raise ConfigError("give a TARGET or --run, not both", "drop one of them")
+    if run is not None:
+        kind, obj = _classify(str(run))
+        if kind != "run":
+            raise ConfigError(f"--run {str(run)!r} is not a run directory", f"give a directory with {RUN_MARKER}")
+        return kind, obj
+    if target is not None:
+        return _classify(target)
+    latest = latest_run()
+    err_console.print(f"benchmarking the latest finished run: {latest}", highlight=False)
+    return "run", latest
+
+
+@app.command("bench", cls=PairsCommand)
 def bench_cmd(
-    target: str = typer.Argument(..., help="model name (deit_tiny, demo, timm name), exported .onnx/.pte/.pt file, "
-                                 "or run directory"),
+    target: Optional[str] = typer.Argument(None, help="model name (deit_tiny, demo, timm name), exported "
+                                           ".onnx/.pte/.pt file, or run directory (default: the latest finished "
+                                           "run under runs/)", show_default=False),
+    run: Optional[Path] = typer.Option(None, "--run", help="run directory to bench (instead of TARGET)"),
     local: bool = typer.Option(False, "--local", help="benchmark on this machine (the default without --adb)"),
     adb: Optional[str] = typer.Option(None, "--adb", help="Android device: serial, model (Pixel_7), codename "
-                                      "(panther) or alias (pixel7); see `ltmpctl devices`"),
-    runner: Optional[Path] = typer.Option(None, "--runner", help="host path of the on-device runner binary"),
+                                      "(panther), alias (pixel7) or `default`; see `ltmpctl devices`"),
+    runner: Optional[Path] = typer.Option(None, "--runner", help="host path of the on-device runner binary "
+                                          "(default: devices.yaml's)"),
     batch: list[int] = typer.Option([1], "--batch", help="batch size; repeat for several"),
-    warmup: int = typer.Option(5, "--warmup", help="untimed forwards first"),
-    repeats: int = typer.Option(20, "--repeats", help="timed forwards"),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help=f"untimed forwards first (default {LOCAL_WARMUP}; "
+                                         f"{ADB_WARMUP} with --adb)", show_default=False),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help=f"timed forwards (default {LOCAL_REPEATS}; "
+                                          f"{ADB_REPEATS} with --adb)", show_default=False),
     threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads (default: the runtime's)"),
     device: str = typer.Option("cpu", "--device", help="local device: cpu, cuda or cuda:N"),
     backend: list[str] = typer.Option(["torch"], "--backend", help="torch (model names, run dirs, .pt) or "
                                       "onnxruntime (.onnx files)"),
     compressor: Optional[str] = typer.Option(None, "--compressor", help="also bench a copy patched with it"),
     param: list[str] = typer.Option([], "--param", help="compressor parameter key=value; repeatable"),
-    model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="timm.create_model key=value; repeatable"),
+    model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="timm.create_model key=value: several after "
+                                           "one flag (img_size=32 patch_size=4), or the flag repeated"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="weights to load"),
     pretrained: bool = typer.Option(False, "--pretrained/--random-weights", help="timm's pretrained weights; "
                                     "latency needs none, but LTMP's data-dependent token counts do"),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W (default: the model's)"),
-    taskset: Optional[str] = typer.Option(None, "--taskset", help="hex CPU mask to pin the on-device runner"),
+    taskset: Optional[str] = typer.Option(None, "--taskset", help="hex CPU mask to pin the on-device runner, e.g. "
+                                          "f0 for cores 4-7"),
     runner_arg: list[str] = typer.Option([], "--runner-arg", help="extra argument for the runner; repeatable"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     out: Optional[Path] = typer.Option(None, "--out", help="save <device>.json here (run dirs: <run>/bench)"),
 ) -> None:
-    """Latency (p50/p90, images/s) of a model and its compressed copy, on this machine or an Android phone."""
+    """Latency (p50/p90/p99, images/s) of a model and its compressed copy, on this machine or an Android phone."""
     from ..bench.local import set_threads
     from ..models import parse_kwargs
 
     set_threads(None)  # OMP_WAIT_POLICY=passive before any OpenMP work (shared/SETUP.md)
-    _check_flags(batch, warmup, repeats, backend)
-    opts = _Opts(batch, warmup, repeats, threads, device)
-    kind, obj = _classify(target)
+    here = _Opts(batch, LOCAL_WARMUP if warmup is None else warmup, LOCAL_REPEATS if repeats is None else repeats,
+                 threads, device)
+    phone = _Opts(batch, ADB_WARMUP if warmup is None else warmup, ADB_REPEATS if repeats is None else repeats,
+                  threads, device)
+    _check_flags(batch, here.warmup, here.repeats, backend)
+    kind, obj = _pick_target(target, run)
     size = _parse_shape(input_size)
     if compressor and kind != "model":
         raise ConfigError("--compressor applies to model names", "a run directory already has its compressed model")
+    on_host = local or adb is None
     rows: list[dict[str, Any]] = []
-    header: dict[str, Any] = {"target": target}
+    header: dict[str, Any] = {"target": str(obj)}
     if kind == "file":
         size = size or (_onnx_input_size(obj) if obj.suffix.lower() == ".onnx" else DEFAULT_INPUT)
         header["input_size"] = list(size)
-        if local or adb is None:
-            rows += _bench_file_local(obj, size, opts)
+        if on_host:
+            rows += _bench_file_local(obj, size, here)
         if adb is not None:
-            rows += _bench_file_adb(obj, adb, runner, size, opts, taskset, runner_arg)
+            rows += _bench_file_adb(obj, adb, runner, size, phone, taskset, runner_arg)
     else:
+        if adb is not None and kind == "model":
+            raise ConfigError("--adb runs a run's exported program or an exported file, not a bare model name",
+                              "compress it first (`ltmpctl compress NAME --target 0.5`), then `ltmpctl bench --adb "
+                              "DEVICE`")
+        if on_host:
+            host_rows, extra = _bench_model_target(kind, obj, backend, here, compressor=compressor,
+                                                   params=parse_kwargs(param, "--param"),
+                                                   kwargs=parse_kwargs(model_kwargs), checkpoint=checkpoint,
+                                                   pretrained=pretrained, input_size=size)
+            rows += host_rows
+            header.update(extra)
         if adb is not None:
-            raise ConfigError("--adb runs exported files", "export with `ltmpctl export`, then bench the .pte/.onnx")
-        rows, extra = _bench_model_target(kind, obj, backend, opts, compressor=compressor,
-                                          params=parse_kwargs(param, "--param"),
-                                          kwargs=parse_kwargs(model_kwargs), checkpoint=checkpoint,
-                                          pretrained=pretrained, input_size=size)
-        header.update(extra)
+            rows += _bench_run_adb(obj, adb, runner, phone, taskset, runner_arg)
     out_dir = out if out is not None else (obj / "bench" if kind == "run" else None)
     saved = _save(rows, out_dir, header) if out_dir is not None else []
     if json_out:
@@ -353,4 +430,3 @@ def bench_cmd(
     _render(rows)
     for p in saved:
         err_console.print(f"saved {p}", highlight=False)
-

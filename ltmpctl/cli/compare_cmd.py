@@ -9,7 +9,8 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from ._app import app, console
+from ._app import app, console, err_console
+from ._pairs import PairsCommand
 from .compress_cmd import _csv, _Progress
 
 
@@ -39,10 +40,11 @@ def render_compare(doc: dict[str, Any]) -> Table:
     return t
 
 
-@app.command()
+@app.command(cls=PairsCommand)
 def compare(
     compressors: list[str] = typer.Argument(..., help="compressors to compare, e.g. ltmp tome topk"),
-    model: str = typer.Option(..., "--model", "-m", help="alias (deit_tiny), timm ViT name, or `demo`"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="alias (deit_tiny), timm ViT name, or `demo` "
+                                        "(the default: offline, minutes on a laptop)", show_default=False),
     targets: str = typer.Option("0.4,0.5,0.6,0.7", "--targets", "-t", help="FLOPs fractions, comma-separated"),
     data: Optional[str] = typer.Option(None, "--data", help="`demo` or an ImageFolder root with train/ and val/"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="base YAML recipe for every run"),
@@ -51,7 +53,7 @@ def compare(
     batch: int = typer.Option(1, "--batch", help="benchmark batch size"),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="untimed forwards (default: recipe's bench)"),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="timed forwards (default: recipe's bench)"),
-    model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="timm.create_model key=value (repeatable)"),
+    model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="timm.create_model key=value: several after one flag (img_size=32 patch_size=4), or the flag repeated"),
     checkpoint: Optional[str] = typer.Option(None, help="weights file (safetensors or torch state dict)"),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="timm's weights"),
     input_size: Optional[str] = typer.Option(None, help="C,H,W for custom models"),
@@ -61,8 +63,14 @@ def compare(
 ) -> None:
     """Compress MODEL with each COMPRESSOR at each target (reusing finished runs), benchmark, plot the trade-off."""
     from ..compare import CompareSpec, compare as run_compare, parse_targets
-    from ..models import parse_kwargs
+    from ..models import DEMO, parse_kwargs
     from ..pipeline import Hooks
+
+    if model is None:
+        from ..demo import DESCRIPTION
+
+        model = DEMO
+        err_console.print(f"no --model given: comparing on the demo model ({DESCRIPTION}; offline)", highlight=False)
 
     overrides: dict[str, Any] = {
         "data.path": data, "model.checkpoint": checkpoint, "model.pretrained": pretrained,

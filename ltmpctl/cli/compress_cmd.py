@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from ._app import app, console, err_console
+from ._pairs import PairsCommand
 
 
 def _csv(value: Optional[str], cast: type, what: str) -> Optional[list]:
@@ -80,7 +81,27 @@ def render_summary(s: dict[str, Any]) -> Table:
     return t
 
 
-@app.command()
+def render_params(params: dict[str, Any]) -> Table:
+    """The learned parameters, one row per block, rounded (`--json` prints them in full)."""
+    from ..report import params_by_block
+
+    columns, rows, scalars = params_by_block(params)
+    note = "rounded; --json has full precision"
+    if len(columns) == 1:  # no per-block values: one row per parameter
+        t = Table("parameter", "value", title="parameters", caption=note)
+        for k, v in scalars.items():
+            t.add_row(k, v)
+        return t
+    extra = "".join(f"; {k} {v}" for k, v in scalars.items())
+    t = Table(title="parameters per block", caption=note + extra)
+    for c in columns:
+        t.add_column(c, justify="right")
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+@app.command(cls=PairsCommand)
 def compress(
     model: str = typer.Argument(..., help="alias (deit_tiny), timm ViT name, or `demo`"),
     target: Optional[float] = typer.Option(None, "--target", "-t", help="fraction of FLOPs to keep, in (0, 1]"),
@@ -93,7 +114,7 @@ def compress(
     std: Optional[str] = typer.Option(None, help="per-channel std, comma-separated"),
     checkpoint: Optional[str] = typer.Option(None, help="weights file (safetensors or torch state dict)"),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="timm's weights"),
-    model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="timm.create_model key=value (repeatable)"),
+    model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="timm.create_model key=value: several after one flag (img_size=32 patch_size=4), or the flag repeated"),
     epochs: Optional[float] = typer.Option(None, help="fine-tune epochs (fractions allowed)"),
     distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="label-free: learn from the base"),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
@@ -132,8 +153,9 @@ def compress(
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
         return
     console.print(render_summary(summary))
-    params = summary.get("params", {})
-    console.print(f"params: {json.dumps(params)}", highlight=False)
+    params = summary.get("params") or {}
+    if params:
+        console.print(render_params(params))
     check = summary.get("flops", {}).get("compressed", {}).get("check")
     if check:
         console.print(f"GMACs analytic {check['analytic_gmacs']:.4f} vs fvcore {check['fvcore_gmacs']:.4f} "

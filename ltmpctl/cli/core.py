@@ -19,8 +19,9 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PluginError
 from ._app import app, console, err_console
+from ._pairs import PairsCommand
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 # Distributions whose versions decide what ltmpctl can do here; executorch is optional (mobile export).
@@ -33,19 +34,27 @@ FLOPS_FILE = "flops.json"
 
 @app.command("plugins")
 def plugins_cmd(as_json: JsonOption = False) -> None:
-    """List the registered compressors: where each comes from, its traits and its parameters."""
-    from ..registry import discover
+    """List the registered compressors: where each comes from, its traits and its parameters; then any that
+    can't load (exit 2)."""
+    from ..registry import entries
 
-    rows = [_plugin_row(e.name, e.cls, e.source) for e in sorted(discover().values(), key=lambda e: e.name)]
+    found = sorted(entries().values(), key=lambda e: e.name)
+    rows = [_plugin_row(e.name, e.cls, e.source) for e in found if e.ok]
+    broken = [{"name": e.name, "source": e.source, "error": str(e.error)} for e in found if not e.ok]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    for r in rows:
-        traits = ", ".join(t.replace("_", "-") for t in ("learnable", "data_dependent") if r[t]) or "fixed token counts"
-        console.print(f"[bold]{escape(r['name'])}[/]  {escape(r['source'])}  [dim]{traits}[/]", highlight=False)
-        if r["summary"]:
-            console.print(f"  {escape(r['summary'])}", highlight=False)
-        console.print(_params_table(r["params"]))
+        typer.echo(json.dumps(rows + broken, indent=2))
+    else:
+        for r in rows:
+            traits = ", ".join(t.replace("_", "-") for t in ("learnable", "data_dependent") if r[t]) or \
+                "fixed token counts"
+            console.print(f"[bold]{escape(r['name'])}[/]  {escape(r['source'])}  [dim]{traits}[/]", highlight=False)
+            if r["summary"]:
+                console.print(f"  {escape(r['summary'])}", highlight=False)
+            console.print(_params_table(r["params"]))
+        for b in broken:
+            err_console.print(f"[bold red]error:[/] {escape(b['error'])}", highlight=False)
+    if broken:
+        raise typer.Exit(PluginError.exit_code)
 
 
 def _params_table(params: list[dict[str, Any]]) -> Table:
@@ -218,7 +227,7 @@ def _adb() -> dict[str, Optional[str]]:
 
 # ---- flops ----------------------------------------------------------------------------------------------------------
 
-@app.command("flops")
+@app.command("flops", cls=PairsCommand)
 def flops_cmd(
     model: Annotated[str, typer.Argument(help="Model name (deit_tiny, demo, a timm name) or a run directory.",
                                          show_default=False)],
@@ -228,7 +237,7 @@ def flops_cmd(
                                                        help="Compressor parameter, e.g. r=8 (repeatable; YAML).",
                                                        show_default=False)] = None,
     model_kwargs: Annotated[Optional[list[str]], typer.Option("--model-kwargs", metavar="KEY=VALUE",
-                                                              help="timm.create_model keyword, e.g. img_size=32.",
+                                                              help="timm.create_model keyword, e.g. img_size=32; several after one flag or the flag repeated.",
                                                               show_default=False)] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Weights (.safetensors or torch).",
                                                        show_default=False)] = None,
