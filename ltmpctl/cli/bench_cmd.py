@@ -166,11 +166,8 @@ def _build_models(name: str, compressor: Optional[str], params: dict[str, Any], 
 
 
 def _load_run(run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
-    try:
-        from ..runs import load_run
-    except ImportError:
-        raise ConfigError("this ltmpctl can't load run directories yet (no ltmpctl.runs)",
-                          "bench the model by name with --compressor, or an exported file") from None
+    from ..runs import load_run
+
     return load_run(run_dir)
 
 
@@ -410,7 +407,7 @@ def bench_cmd(
             rows += _bench_file_adb(obj, adb, runner, size, phone, taskset, runner_arg)
     else:
         if adb is not None and kind == "model":
-            raise ConfigError("--adb runs a run's exported program or an exported file, not a bare model name",
+            raise ConfigError("--adb runs exported files (a run's program, or a .pte/.onnx/.pt), not a bare model name",
                               "compress it first (`ltmpctl compress NAME --target 0.5`), then `ltmpctl bench --adb "
                               "DEVICE`")
         if on_host:
