@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from ltmpctl.registry import create
 from ltmpctl.stages.calibrate import calibrate
 
 COMPRESSORS = ("ltmp", "tome", "topk")
@@ -14,7 +15,7 @@ def methods_at(base: torch.nn.Module, target: float, probe: torch.Tensor) -> lis
     """(compressor, params, measured FLOPs ratio on `probe`) for every built-in compressor at `target`."""
     out = []
     for name in COMPRESSORS:
-        cal = calibrate(base, name, {}, target, probe, tolerance=0.01, max_iters=20)
+        cal = calibrate(base, create(name), {}, target, probe, tolerance=0.01, max_iters=20)
         out.append((name, cal.params, cal.flops_ratio))
     return out
 

@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 
-from .compressor import Compressor, Params, TokenBlock, token_counts
+from .compressor import Compressor, Knob, ParamGroup, Params, TokenBlock, token_counts
 from .errors import LtmpctlError
 
 __version__ = "0.1.0"
-__all__ = ["apply", "token_counts", "Compressor", "Params", "TokenBlock", "LtmpctlError", "__version__"]
+__all__ = ["apply", "token_counts", "Compressor", "Knob", "ParamGroup", "Params", "TokenBlock", "LtmpctlError",
+           "__version__"]
 
 
 def apply(model: torch.nn.Module, compressor: str, **params: Any) -> torch.nn.Module:

@@ -7,7 +7,8 @@ and each timm `Block` becomes a `TokenBlock` that calls the block's own `norm1`,
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -93,19 +94,78 @@ class CompressedViT:
         return self.norm(x)
 
 
+@dataclass(frozen=True)
+class Knob:
+    """One monotone dial over a compressor's parameters, searched by the calibrate stage.
+
+    `params_at(k)` gives the parameters at k in [lo, hi]; the FLOPs fraction must not increase with k (k = lo
+    reduces least). An `integer` knob takes whole values only (e.g. a schedule index). `describe(k)` names the
+    setting in the run's report.
+    """
+
+    params_at: Callable[[float], dict[str, Any]]
+    lo: float = 0.0
+    hi: float = 1.0
+    integer: bool = False
+    describe: Callable[[float], str] = lambda k: f"k={k:g}"
+
+
+@dataclass
+class ParamGroup:
+    """Parameters the fine-tune stage trains together at one learning rate (`stages.finetune.lr_groups[name]`
+    overrides `lr`)."""
+
+    name: str
+    params: list[torch.nn.Parameter]
+    lr: float
+
+
 class Compressor:
     """Base class of a compressor plugin.
 
     Subclasses set `name`, `Params` (a `Params` subclass), `block_class` (a `TokenBlock` subclass) and implement
-    `configure_block(block, index, depth, params)`. `learnable` compressors expose trainable parameters on the
-    patched blocks and a `loss` used by the fine-tune stage.
+    `configure_block(block, index, depth, params)`. The stages know a compressor only through the hooks below
+    (each has a do-nothing default):
+
+    - calibrate: `calibration_knob` -> a `Knob` the stage bisects until measured FLOPs hit the target;
+    - fine-tune: `param_groups` (what trains, at which learning rates), `loss` (its extra term), `after_step`
+      (e.g. clamping), `trained_params` (the learned values, as parameters `apply` accepts);
+    - after fine-tuning: `refit_knob` -> a `Knob` over the trained parameters, searched on the trained model.
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
     block_class: ClassVar[type[TokenBlock]] = TokenBlock
-    learnable: ClassVar[bool] = False
+    learnable: ClassVar[bool] = False  # has trainable parameters (`param_groups`) and a training `loss`
     data_dependent: ClassVar[bool] = False  # token counts differ per image
+
+    # ---- the stage contract ----------------------------------------------------------------------------------
+
+    def calibration_knob(self, model: VisionTransformer, params: dict[str, Any]) -> Optional[Knob]:
+        """The dial calibration searches for `model` (uncompressed); `params` are the recipe's, kept under it.
+        None: the compressor can't be calibrated (the recipe gives its parameters)."""
+        return None
+
+    def param_groups(self, model: VisionTransformer) -> list[ParamGroup]:
+        """Trainable parameters of the patched `model` and their default learning rates."""
+        return []
+
+    def loss(self, model: VisionTransformer, task_loss: Tensor, target: float, lam: float
+             ) -> tuple[Tensor, Tensor]:
+        """(training loss, FLOPs ratio it saw) after a train-mode forward; the ratio is NaN where not tracked."""
+        return task_loss, torch.tensor(float("nan"))
+
+    def after_step(self, model: VisionTransformer) -> None:
+        """Called after every optimiser step (e.g. to keep thresholds in range)."""
+
+    def trained_params(self, model: VisionTransformer) -> dict[str, Any]:
+        """The learned values of a trained `model` as parameters (saved in the summary, reapplied on load)."""
+        return {}
+
+    def refit_knob(self, model: VisionTransformer, params: dict[str, Any]) -> Optional[Knob]:
+        """After training: a dial over the trained `params` that restores the FLOPs target on the trained `model`
+        in eval mode. None: keep the trained parameters as they are."""
+        return None
 
     @classmethod
     def parse_params(cls, params: dict[str, Any]) -> Params:

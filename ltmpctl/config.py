@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -89,13 +89,13 @@ class FinetuneStage(_Section):
     epochs: float = Field(1.0, gt=0)  # passes over the train split; fractions allowed (0.1 = a tenth)
     max_steps: Optional[int] = Field(None, ge=1)  # stop after this many optimizer steps, whatever `epochs` says
     batch_size: int = Field(128, ge=1)  # training batch size (LTMP paper: 128)
-    lr_merge: float = Field(5e-3, ge=0)  # SGD learning rate of the merge thresholds (LTMP paper)
-    lr_prune: float = Field(5e-6, ge=0)  # SGD learning rate of the prune thresholds, 1000x smaller (LTMP paper)
+    # SGD learning rate per trainable group of the compressor (ltmp: merge, prune); unset = the compressor's
+    # default (ltmp: the paper's 5e-3 and 5e-6). `ltmpctl plugins` names the groups.
+    lr_groups: dict[str, Annotated[float, Field(ge=0)]] = {}
     full: bool = False  # train the whole model too; false = ltmp learns only its thresholds
     lr: float = Field(1e-5, ge=0)  # learning rate of the model weights, used only when `full`
     momentum: float = Field(0.0, ge=0, lt=1)  # SGD momentum (LTMP paper: none)
     lam: float = Field(10.0, ge=0)  # weight of the FLOPs term (ratio - target)^2 in the loss
-    tau: float = Field(0.1, gt=0)  # temperature of the straight-through threshold masks while training
     label_smoothing: float = Field(0.1, ge=0, lt=1)  # cross-entropy label smoothing
     distill: bool = False  # distil from the uncompressed model's logits instead of the labels
     augment: bool = True  # random training augmentation (flips and shifts/crops)
@@ -120,29 +120,13 @@ class ExportStage(_Section):
     verify_images: int = Field(32, ge=0)  # images on which exported outputs are compared with eager (0 = skip)
 
 
-class AdbBench(_Section):
-    device: Optional[str] = None  # adb serial of the phone; None = skip the on-device benchmark
-    runner: Optional[str] = None  # path on this host of the benchmark runner binary pushed to the phone
-    runner_args: list[str] = []  # extra command-line arguments for the runner
-    taskset: Optional[str] = None  # hexadecimal CPU mask to pin the runner to (e.g. f0 = the big cores)
-    warmup: int = Field(5, ge=0)  # untimed runs before measuring
-    iterations: int = Field(50, ge=1)  # timed runs
-
-    @field_validator("taskset")
-    @classmethod
-    def _hex_mask(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not re.fullmatch(r"(0x)?[0-9a-fA-F]+", v):
-            raise ValueError("must be a hexadecimal CPU mask, e.g. f0")
-        return v
-
-
 class BenchStage(_Section):
     enabled: bool = False  # measure latency and throughput of the original and compressed model
     batch_sizes: list[int] = Field([1, 32], min_length=1)  # batch sizes to time
     warmup: int = Field(5, ge=0)  # untimed iterations before measuring
     repeats: int = Field(20, ge=1)  # timed iterations per batch size
-    backends: list[Literal["torch", "onnxruntime"]] = Field(["torch"], min_length=1)  # runtimes to time
-    adb: AdbBench = Field(default_factory=AdbBench)  # optional Android benchmark over adb
+    # runtimes to time; onnxruntime times the run's exported ONNX file (stages.export with format onnx)
+    backends: list[Literal["torch", "onnxruntime"]] = Field(["torch"], min_length=1)
 
     @field_validator("batch_sizes")
     @classmethod

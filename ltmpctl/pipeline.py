@@ -23,14 +23,13 @@ import ltmpctl.registry
 from . import models
 from .config import Recipe, dump
 from .data.loaders import DataSpec, SkippingLoader, build_loader
+from .data.sanity import check_classes
 from .errors import ConfigError
 from .rundir import SUMMARY, RunDir
-from .stages.calibrate import calibrate, recalibrate
+from .runs import BASE_FILE, MODEL_FILE, data_spec, model_spec
+from .stages.calibrate import calibrate, refit
 from .stages.evaluate import evaluate
 from .stages.finetune import CKPT, finetune
-
-MODEL_FILE = "model.safetensors"  # the compressed model, thresholds included
-BASE_FILE = "base.safetensors"  # the uncompressed weights, written only when full fine-tuning changed them
 
 
 @dataclass
@@ -80,18 +79,6 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
-
-
-def data_spec(recipe: Recipe) -> DataSpec:
-    d = recipe.data
-    return DataSpec(path=d.path, input_size=tuple(d.input_size) if d.input_size else None,
-                    mean=tuple(d.mean) if d.mean else None, std=tuple(d.std) if d.std else None,
-                    batch_size=d.batch_size, workers=d.workers)
-
-
-def model_spec(recipe: Recipe) -> models.ModelSpec:
-    m = recipe.model
-    return models.ModelSpec(m.name, pretrained=m.pretrained, checkpoint=m.checkpoint, kwargs=dict(m.kwargs))
 
 
 def train_images(spec: DataSpec, data_config: dict, n: int, seed: int) -> torch.Tensor:
@@ -161,6 +148,7 @@ def _gather_eval(results: dict) -> dict:
 def run_compress(recipe: Recipe, hooks: Optional[Hooks] = None, resume: Optional[Path] = None) -> dict[str, Any]:
     """Run the recipe's stages; returns summary.json's content. `resume` continues an interrupted run dir."""
     hooks = hooks or Hooks()
+    _check_stages(recipe)
     device = resolve_device(recipe.device)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
@@ -169,6 +157,9 @@ def run_compress(recipe: Recipe, hooks: Optional[Hooks] = None, resume: Optional
     mspec, dspec = model_spec(recipe), data_spec(recipe)
     base = models.create(mspec).to(device)
     data_config = models.data_config(base, mspec)
+    label_warning = check_classes(dspec.path, base.num_classes, mspec.name)  # before any work
+    if label_warning and rank == 0:
+        hooks.log(f"warning: {label_warning}")
     ctx = Context(recipe, device, rank, world, checkpoints=resume)  # other ranks read rank 0's checkpoint
     if rank == 0:
         if resume is not None:
@@ -193,7 +184,7 @@ def run_compress(recipe: Recipe, hooks: Optional[Hooks] = None, resume: Optional
 def _stages(ctx: Context, base: torch.nn.Module, mspec: models.ModelSpec, dspec: DataSpec, data_config: dict,
             hooks: Hooks) -> dict[str, Any]:
     recipe, st = ctx.recipe, ctx.recipe.stages
-    comp = ltmpctl.registry.get(recipe.compressor.name)
+    comp = ltmpctl.registry.create(recipe.compressor.name)
     params = dict(ctx.summary.get("params") or recipe.compressor.params)
     ctx.write(model=mspec.name, compressor=comp.name, target=recipe.target, seed=recipe.seed,
               data=dspec.path, input_size=list(data_config["input_size"]))
@@ -201,8 +192,7 @@ def _stages(ctx: Context, base: torch.nn.Module, mspec: models.ModelSpec, dspec:
     if st.calibrate.enabled and "calibration" not in ctx.summary:
         hooks.stage("calibrate")
         images = train_images(dspec, data_config, st.calibrate.images, recipe.seed).to(ctx.device)
-        cal = calibrate(base, comp.name, params, recipe.target, images, st.calibrate.tolerance,
-                        st.calibrate.max_iters)
+        cal = calibrate(base, comp, params, recipe.target, images, st.calibrate.tolerance, st.calibrate.max_iters)
         params = {**params, **cal.params}
         ctx.write(params=params, calibration={"flops_ratio": cal.flops_ratio, "iterations": cal.iterations,
                                               "searched": cal.knob, "params": cal.params,
@@ -216,17 +206,18 @@ def _stages(ctx: Context, base: torch.nn.Module, mspec: models.ModelSpec, dspec:
         result = finetune(compressed, teacher, st.finetune, dspec, data_config, recipe.target, recipe.seed,
                           ctx.device, ctx.checkpoints,
                           lambda d, t, info: hooks.progress("finetune", d, t, info))
-        if comp.learnable and hasattr(comp, "thresholds"):
-            params = {**params, **comp.thresholds(compressed)}
-            if st.calibrate.enabled and comp.name == "ltmp":
-                images = train_images(dspec, data_config, st.calibrate.images, recipe.seed).to(ctx.device)
-                cal = recalibrate(base, params, recipe.target, images, st.calibrate.tolerance,
-                                  st.calibrate.max_iters)
+        params = {**params, **comp.trained_params(compressed)}
+        if st.calibrate.enabled:
+            images = train_images(dspec, data_config, st.calibrate.images, recipe.seed).to(ctx.device)
+            # On the fine-tuned model: with `full` its weights changed too, and they are what the params serve.
+            cal = refit(compressed, comp, params, recipe.target, images, st.calibrate.tolerance,
+                        st.calibrate.max_iters)
+            if cal is not None:
                 ctx.write(recalibration={"flops_ratio": cal.flops_ratio, "iterations": cal.iterations,
                                          "searched": cal.knob})
                 hooks.log(f"recalibrated {cal.knob}: FLOPs ratio {cal.flops_ratio:.3f}")
                 params = cal.params
-                compressed = ltmpctl.apply(compressed, comp.name, **params)
+        compressed = ltmpctl.apply(compressed, comp.name, **params)
         ctx.write(params=params, finetune={"steps": result.steps, "final_loss": result.final_loss,
                                            "final_train_flops_ratio": result.final_ratio,
                                            "resumed_from_step": result.resumed_from,
@@ -279,20 +270,56 @@ def _export(ctx: Context, compressed: torch.nn.Module, dspec: DataSpec, data_con
 
 def _bench(ctx: Context, base: torch.nn.Module, compressed: torch.nn.Module, dspec: DataSpec,
            data_config: dict) -> list[dict]:
-    from .bench.local import bench_torch_models, compare_rows
+    """Base and compressed timed interleaved (same conditions) per backend and batch size, on evaluation images
+    (a seeded subset, eval preprocessing): what ltmp keeps depends on the image. onnxruntime times the run's
+    exported ONNX file against the base exported alike (into export/base/)."""
+    from .bench.local import bench_onnx_files, bench_torch_models, compare_rows
     from .data.loaders import calibration_batch
     from .flops import batch_ratios
 
     cfg = ctx.recipe.stages.bench
     rows = []
     ratio = ctx.summary.get("flops_ratio")
-    # Timed on evaluation images (a seeded subset, eval preprocessing): what ltmp keeps depends on the image.
     images = calibration_batch(dspec, data_config, max(cfg.batch_sizes), ctx.recipe.seed + 11)
+    shape = data_config["input_size"]
+    onnx_files = _onnx_pair(ctx, base, dspec, data_config) if "onnxruntime" in cfg.backends else None
     for batch in cfg.batch_sizes:
         x = images[:batch]
-        b, c = bench_torch_models([base, compressed], data_config["input_size"], batch, cfg.warmup, cfg.repeats,
-                                  ctx.device.type, ctx.recipe.threads, images=x)  # interleaved: same conditions
-        c["input"] = b["input"] = "run images"
-        _, c["executed_flops_ratio"] = batch_ratios(compressed, x.to(ctx.device))
-        rows.append({"base": b, "compressed": compare_rows(b, c, ratio)})
+        _, executed = batch_ratios(compressed, x.to(ctx.device))
+        timed = []
+        if "torch" in cfg.backends:
+            timed.append(bench_torch_models([base, compressed], shape, batch, cfg.warmup, cfg.repeats,
+                                            ctx.device.type, ctx.recipe.threads, images=x))
+        if onnx_files is not None:
+            timed.append(bench_onnx_files(onnx_files, shape, batch, cfg.warmup, cfg.repeats, ctx.recipe.threads,
+                                          images=x))
+        for b, c in timed:
+            c["input"] = b["input"] = "run images"
+            c["executed_flops_ratio"] = executed
+            rows.append({"base": b, "compressed": compare_rows(b, c, ratio)})
     return rows
+
+
+def _onnx_pair(ctx: Context, base: torch.nn.Module, dspec: DataSpec, data_config: dict) -> list[Path]:
+    """(base, compressed) ONNX files for the onnxruntime bench: the export stage's file, and the base exported and
+    verified the same way into export/base/."""
+    from .data.loaders import calibration_batch
+    from .export import export_model
+
+    assert ctx.run is not None
+    out = ctx.run.file("export")
+    done = [r for r in ctx.summary.get("export", []) if r.get("format") == "onnx" and r.get("passed")]
+    assert done, "checked by _check_stages before any work"
+    cfg = ctx.recipe.stages.export
+    images = calibration_batch(dspec, data_config, max(32, cfg.verify_images), ctx.recipe.seed + 7)
+    record = export_model(copy.deepcopy(base).cpu(), "onnx", out / "base", images[:1], images, cfg.opset)
+    return [out / "base" / record["file"], out / done[0]["file"]]
+
+
+def _check_stages(recipe: Recipe) -> None:
+    """Stage combinations that can't work, refused before any work is done."""
+    st = recipe.stages
+    if st.bench.enabled and "onnxruntime" in st.bench.backends and not (
+            st.export.enabled and "onnx" in st.export.formats):
+        raise ConfigError("stages.bench.backends has onnxruntime, which times the run's exported ONNX file, but the "
+                          "export stage writes none", "set stages.export.enabled: true with onnx in its formats")

@@ -1,4 +1,5 @@
-"""Reopen a finished compress run: its base and compressed models, rebuilt offline from the run dir."""
+"""Run I/O: what a compress run writes (file names), the specs built from its recipe, and reopening a finished run
+(its base and compressed models, rebuilt offline from the run dir). Below the pipeline: it imports no stage."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +10,25 @@ import torch
 import ltmpctl
 
 from . import models
-from .config import resolve
+from .config import Recipe, resolve
+from .data.loaders import DataSpec
 from .errors import ConfigError
-from .pipeline import BASE_FILE, MODEL_FILE, data_spec, model_spec
 from .rundir import RunDir
+
+MODEL_FILE = "model.safetensors"  # the compressed model, thresholds included
+BASE_FILE = "base.safetensors"  # the uncompressed weights, written only when full fine-tuning changed them
+
+
+def data_spec(recipe: Recipe) -> DataSpec:
+    d = recipe.data
+    return DataSpec(path=d.path, input_size=tuple(d.input_size) if d.input_size else None,
+                    mean=tuple(d.mean) if d.mean else None, std=tuple(d.std) if d.std else None,
+                    batch_size=d.batch_size, workers=d.workers)
+
+
+def model_spec(recipe: Recipe) -> models.ModelSpec:
+    m = recipe.model
+    return models.ModelSpec(m.name, pretrained=m.pretrained, checkpoint=m.checkpoint, kwargs=dict(m.kwargs))
 
 
 def load_run(run_dir: Path | str) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:

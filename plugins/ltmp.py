@@ -18,18 +18,33 @@ batch 1 gives.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from ltmpctl.compressor import Compressor, Params, TokenBlock, per_block
+from ltmpctl.compressor import Compressor, Knob, ParamGroup, Params, TokenBlock, per_block
 from ltmpctl.flops import base_macs, model_macs, vit_shape
-from ltmpctl.tokens import (AttentionOut, attention_core, attention_proj, compact, eager, match, pack, real_rows,
-                            scatter_amax, scatter_merge, split_ab, threshold_mask, unpack)
+from ltmpctl.tokens import (
+    AttentionOut,
+    attention_core,
+    attention_proj,
+    compact,
+    eager,
+    match,
+    pack,
+    real_rows,
+    scatter_amax,
+    scatter_merge,
+    split_ab,
+    threshold_mask,
+    unpack,
+)
 
 Thresholds = Union[float, list[float]]
+MERGE_SPAN = 0.7  # calibration strength s = 1 -> merge_threshold 0.3
+PRUNE_SPAN = 1.0  # s = 1 -> prune tokens below the first block's mean importance
 
 
 def _in_unit(v: object) -> object:
@@ -210,20 +225,60 @@ class LTMP(Compressor):
         block.prune_threshold = torch.nn.Parameter(torch.tensor(float(prune), device=dev))
         block.tau = params.tau
 
-    @staticmethod
-    def thresholds(model: torch.nn.Module) -> dict[str, list[float]]:
+    # ---- the stage contract ----------------------------------------------------------------------------------
+
+    def calibration_knob(self, model: torch.nn.Module, params: dict[str, Any]) -> Knob:
+        """A shared strength s in [0, 1] sets every block's thresholds: merge_threshold = 1 - s * MERGE_SPAN,
+        prune_threshold = s * PRUNE_SPAN / N (N = tokens at the first block, so 1/N is the mean importance there).
+        The split lets merging (cheaper in accuracy, as ToMe and the LTMP paper found) do most of the work at mild
+        targets, with pruning joining in as s grows; fine-tuning then moves each block's pair on its own."""
+        tokens = vit_shape(model).tokens
+
+        def params_at(s: float) -> dict[str, Any]:
+            return {"merge_threshold": round(1.0 - s * MERGE_SPAN, 6),
+                    "prune_threshold": round(s * PRUNE_SPAN / tokens, 8)}
+
+        return Knob(params_at, 0.0, 1.0, describe=lambda s: f"shared strength s={s:.4f}")
+
+    def param_groups(self, model: torch.nn.Module) -> list[ParamGroup]:
+        """The two thresholds of every block, at the LTMP paper's learning rates (prune 1000x smaller)."""
+        return [ParamGroup("merge", [b.merge_threshold for b in model.blocks], 5e-3),
+                ParamGroup("prune", [b.prune_threshold for b in model.blocks], 5e-6)]
+
+    def loss(self, model: torch.nn.Module, task_loss: Tensor, target: float, lam: float) -> tuple[Tensor, Tensor]:
+        """task loss + lam * (flops_ratio - target)^2; returns (total, ratio)."""
+        ratio = self.flops_ratio(model)
+        return task_loss + lam * (ratio - target) ** 2, ratio
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        """Keep thresholds in [0, 1]."""
+        with torch.no_grad():
+            for b in model.blocks:
+                b.merge_threshold.clamp_(0.0, 1.0)
+                b.prune_threshold.clamp_(0.0, 1.0)
+
+    def trained_params(self, model: torch.nn.Module) -> dict[str, Any]:
         return {
             "merge_threshold": [float(b.merge_threshold.detach()) for b in model.blocks],
             "prune_threshold": [float(b.prune_threshold.detach()) for b in model.blocks],
         }
 
-    @staticmethod
-    def clamp_(model: torch.nn.Module) -> None:
-        """Keep thresholds in [0, 1] (call after every optimiser step)."""
-        with torch.no_grad():
-            for b in model.blocks:
-                b.merge_threshold.clamp_(0.0, 1.0)
-                b.prune_threshold.clamp_(0.0, 1.0)
+    def refit_knob(self, model: torch.nn.Module, params: dict[str, Any]) -> Knob:
+        """Every block's learned thresholds moved by one shared amount (in the calibration knob's units, kept in
+        [0, 1]) until eval FLOPs hit the target again.
+
+        Fine-tuning learns how the thresholds relate across blocks, but its FLOPs term sees train-mode masks (tokens
+        kept in the tensor, importance averaged over every row, as the reference trains), and a short fine-tune can
+        end away from the target; the inference model is what `--target` promises, so its budget is restored.
+        """
+        tokens = vit_shape(model).tokens
+        clamp = lambda v: min(1.0, max(0.0, v))  # noqa: E731
+
+        def params_at(shift: float) -> dict[str, Any]:
+            return {"merge_threshold": [clamp(m - shift * MERGE_SPAN) for m in params["merge_threshold"]],
+                    "prune_threshold": [clamp(p + shift * PRUNE_SPAN / tokens) for p in params["prune_threshold"]]}
+
+        return Knob(params_at, -1.0, 1.0, describe=lambda k: f"shared shift {k:+.4f} of the learned thresholds")
 
     @staticmethod
     def flops_ratio(model: torch.nn.Module) -> Tensor:
@@ -232,10 +287,3 @@ class LTMP(Compressor):
         kept = [m.mean() * s.tokens for m in model.ltmpctl_masks]  # tokens after each block
         n_attn = [torch.as_tensor(float(s.tokens))] + kept[:-1]
         return model_macs(s, n_attn, kept, merging=True) / base_macs(s)
-
-    @classmethod
-    def loss(cls, model: torch.nn.Module, task_loss: Tensor, target: float, lam: float = 10.0
-             ) -> tuple[Tensor, Tensor]:
-        """task loss + lam * (flops_ratio - target)^2; returns (total, ratio)."""
-        ratio = cls.flops_ratio(model)
-        return task_loss + lam * (ratio - target) ** 2, ratio

@@ -7,13 +7,14 @@ instead of only the class token.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from ltmpctl.compressor import Compressor, Params, TokenBlock, per_block
+from ltmpctl.compressor import Compressor, Knob, Params, TokenBlock, per_block
+from ltmpctl.flops import vit_shape
 from ltmpctl.tokens import AttentionOut, ascending, match, scatter_merge, split_ab
 
 
@@ -85,3 +86,18 @@ class ToMe(Compressor):
             schedule = parse_r(depth, params.r, params.inflect)
         block.r = int(schedule[index])
         block.prop_attn = params.prop_attn
+
+    def calibration_knob(self, model: torch.nn.Module, params: dict[str, Any]) -> Knob:
+        """ToMe's constant r, refined: step k gives the first k % depth blocks r + 1 and the rest r = k // depth,
+        a ladder finer than r alone whose FLOPs fall with every step. With a non-zero `inflect` the recipe chose
+        ToMe's schedule shape, so the knob is r itself under that shape."""
+        depth = len(model.blocks)
+        r_max = (vit_shape(model).tokens - model.num_prefix_tokens) // 2
+        if params.get("inflect", 0.0):
+            return Knob(lambda k: {"r": int(k)}, 0, r_max, integer=True, describe=lambda k: f"r={int(k)}")
+
+        def schedule(k: float) -> dict[str, Any]:
+            r, j = divmod(int(k), depth)
+            return {"r": r if j == 0 else [r + 1] * j + [r] * (depth - j)}
+
+        return Knob(schedule, 0, depth * r_max, integer=True, describe=lambda k: f"r per block {schedule(k)['r']}")

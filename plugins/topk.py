@@ -7,13 +7,13 @@ extra token, weighted by importance. Token counts depend only on the input lengt
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from ltmpctl.compressor import Compressor, Params, TokenBlock, per_block
+from ltmpctl.compressor import Compressor, Knob, Params, TokenBlock, per_block
 from ltmpctl.tokens import AttentionOut, ascending
 
 
@@ -72,3 +72,8 @@ class TopK(Compressor):
         block.keep_rate = float(per_block(params.keep_rate, depth, "topk keep_rate")[index])
         block.importance_mode = params.importance
         block.fuse = params.fuse
+
+    def calibration_knob(self, model: torch.nn.Module, params: dict[str, Any]) -> Knob:
+        """One keep_rate for every block, 1 - s for s in [0, 0.999] (a block keeps at least one token)."""
+        rate = lambda s: round(max(1e-3, 1.0 - s), 6)  # noqa: E731
+        return Knob(lambda s: {"keep_rate": rate(s)}, 0.0, 0.999, describe=lambda s: f"keep_rate {rate(s):g}")

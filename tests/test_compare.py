@@ -22,7 +22,7 @@ MODEL = "vit_tiny_patch16_224"
 RECIPE = """\
 model:
   pretrained: false
-  kwargs: {img_size: 28, patch_size: 7, in_chans: 1, embed_dim: 32, depth: 2, num_heads: 2, num_classes: 10}
+  kwargs: {img_size: 28, patch_size: 7, in_chans: 1, embed_dim: 32, depth: 2, num_heads: 2, num_classes: 2}
 compressor:
   name: ltmp
   params: {merge_threshold: 0.9}   # an ltmp-only key: tome must not inherit it

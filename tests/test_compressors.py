@@ -84,14 +84,14 @@ def test_ltmp_eval_really_removes_tokens(images, prune):
 
 def test_ltmp_train_mode_learns_thresholds(images):
     model = ltmpctl.apply(tiny_vit(), "ltmp", merge_threshold=0.4, prune_threshold=0.015)
-    ltmp = get("ltmp")
+    ltmp = get("ltmp")()
     model.train()
     logits = model(images)
     assert logits.shape == (6, 10)
     for mask in model.ltmpctl_masks:  # straight-through masks are exactly hard in the forward
         assert torch.all((mask == 0) | (mask == 1))
     task = torch.nn.functional.cross_entropy(logits, torch.arange(6) % 10)
-    loss, ratio = ltmp.loss(model, task, target=0.5)
+    loss, ratio = ltmp.loss(model, task, target=0.5, lam=10.0)
     assert 0 < ratio.item() < 1
     loss.backward()
     for blk in model.blocks:
@@ -100,7 +100,7 @@ def test_ltmp_train_mode_learns_thresholds(images):
     assert any(float(b.prune_threshold.grad) != 0 for b in model.blocks)
     with torch.no_grad():
         model.blocks[0].merge_threshold.fill_(1.7)
-    ltmp.clamp_(model)
+    ltmp.after_step(model)
     assert float(model.blocks[0].merge_threshold) == 1.0
 
 

@@ -306,11 +306,8 @@ def _from_run(run_dir: Path, n: int, data: Optional[str]) -> _Target:
     from ..data.loaders import DataSpec
     from ..registry import get
 
-    try:
-        from ..runs import load_run
-    except ImportError:
-        raise ConfigError("this ltmpctl can't load run directories (no ltmpctl.runs)",
-                          "count a model by name with --compressor") from None
+    from ..runs import load_run
+
     base, compressed, info = load_run(run_dir)
     fields = {f.name for f in dataclasses.fields(DataSpec)}
     spec = DataSpec(**{k: v for k, v in (info.get("data") or {}).items() if k in fields})

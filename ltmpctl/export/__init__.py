@@ -237,11 +237,8 @@ def _export_one(model: torch.nn.Module, fmt: str, out: Path, example: Tensor, im
 
 
 def _load_run(run: Path) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
-    try:
-        from ..runs import load_run  # pulls in stages and data: imported only when a run is exported
-    except ImportError:
-        raise ConfigError("this ltmpctl can't load run directories (no ltmpctl.runs)",
-                          "export a model from Python with ltmpctl.export.export_model") from None
+    from ..runs import load_run  # pulls in data and config: imported only when a run is exported
+
     return load_run(run)
 
 

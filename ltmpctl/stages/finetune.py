@@ -1,8 +1,9 @@
 """finetune: LTMP's threshold training (1 epoch, paper settings), resumable, optionally label-free or distributed.
 
-Loss = task loss + lam * (flops_ratio - target)^2, task loss = label-smoothed cross-entropy, or with `distill`
-the KL divergence to the uncompressed model's logits (so unlabeled images suffice). Only the thresholds learn
-(SGD, lr_merge / lr_prune, cosine schedule) unless `full`, which also trains the weights at `lr`.
+Loss = the compressor's `loss` of the task loss (LTMP: + lam * (flops_ratio - target)^2), task loss =
+label-smoothed cross-entropy, or with `distill` the KL divergence to the uncompressed model's logits (so unlabeled
+images suffice). Only the compressor's `param_groups` learn (SGD, cosine schedule; `lr_groups` overrides their
+learning rates) unless `full`, which also trains the weights at `lr`.
 
 Resumable: every `checkpoint_every` steps (and on Ctrl-C) the trainable state, optimiser, step and the RNG states
 (torch, Python, NumPy: augmentation draws from all three) as they were when that step began go to
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, Sampler
 
 import ltmpctl.registry
 
+from ..compressor import Compressor
 from ..config import FinetuneStage
 from ..data.folder import collate_skipping
 from ..data.loaders import DataSpec, build_loader
@@ -61,10 +63,9 @@ class _LossModel(torch.nn.Module):
     model's own forward, which DDP (find_unused_parameters) would otherwise count as a second use.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: FinetuneStage, target: float) -> None:
+    def __init__(self, model: torch.nn.Module, comp: Compressor, cfg: FinetuneStage, target: float) -> None:
         super().__init__()
-        self.model, self.cfg, self.target = model, cfg, target
-        self.comp = ltmpctl.registry.get(model.ltmpctl_compressor)
+        self.model, self.comp, self.cfg, self.target = model, comp, cfg, target
 
     def forward(self, images: Tensor, labels: Tensor, t_logits: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         logits = self.model(images)  # (B, classes)
@@ -73,9 +74,7 @@ class _LossModel(torch.nn.Module):
                             reduction="batchmean")
         else:
             task = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
-        if self.comp.learnable:
-            return self.comp.loss(self.model, task, self.target, self.cfg.lam)
-        return task, torch.tensor(float("nan"))
+        return self.comp.loss(self.model, task, self.target, self.cfg.lam)
 
 
 def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
@@ -96,19 +95,20 @@ class FinetuneResult:
     history: list[dict[str, float]]
 
 
-def _trainable(model: torch.nn.Module, cfg: FinetuneStage) -> list[dict[str, Any]]:
-    groups: list[dict[str, Any]] = []
-    merge = [b.merge_threshold for b in model.blocks if hasattr(b, "merge_threshold")]
-    prune = [b.prune_threshold for b in model.blocks if hasattr(b, "prune_threshold")]
-    if merge:
-        groups.append({"params": merge, "lr": cfg.lr_merge, "name": "merge"})
-    if prune:
-        groups.append({"params": prune, "lr": cfg.lr_prune, "name": "prune"})
-    thresholds = {id(p) for g in groups for p in g["params"]}
+def _trainable(comp: Compressor, model: torch.nn.Module, cfg: FinetuneStage) -> list[dict[str, Any]]:
+    """Optimiser groups: the compressor's own, at its learning rates unless `lr_groups` names them, and with
+    `full` every other weight at `lr`. Only these require grad."""
+    own = comp.param_groups(model)
+    unknown = set(cfg.lr_groups) - {g.name for g in own}
+    if unknown:
+        raise ConfigError(f"stages.finetune.lr_groups: {comp.name} has no parameter group {sorted(unknown)[0]!r}",
+                          f"its groups: {', '.join(g.name for g in own) or 'none'}")
+    groups = [{"params": g.params, "lr": cfg.lr_groups.get(g.name, g.lr), "name": g.name} for g in own]
+    chosen = {id(p) for g in groups for p in g["params"]}
     for p in model.parameters():
-        p.requires_grad_(cfg.full or id(p) in thresholds)
+        p.requires_grad_(cfg.full or id(p) in chosen)
     if cfg.full:
-        weights = [p for p in model.parameters() if id(p) not in thresholds]
+        weights = [p for p in model.parameters() if id(p) not in chosen]
         groups.append({"params": weights, "lr": cfg.lr, "name": "weights"})
     return groups
 
@@ -137,7 +137,7 @@ def finetune(model: torch.nn.Module, teacher: Optional[torch.nn.Module], cfg: Fi
              data_config: dict, target: float, seed: int, device: torch.device, run_path: Optional[Path],
              progress: Optional[Callable[[int, int, dict[str, float]], None]] = None) -> FinetuneResult:
     """Train `model` (already compressed) in place; returns what happened. `teacher` is needed for `distill`."""
-    comp = ltmpctl.registry.get(model.ltmpctl_compressor)
+    comp = ltmpctl.registry.create(model.ltmpctl_compressor)
     if cfg.distill and teacher is None:
         raise ConfigError("distillation needs the uncompressed model", "pass the base model as teacher")
     rank, world = _rank_world()
@@ -149,15 +149,12 @@ def finetune(model: torch.nn.Module, teacher: Optional[torch.nn.Module], cfg: Fi
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
 
-    for b in model.blocks:  # the recipe's training temperature
-        if hasattr(b, "tau"):
-            b.tau = cfg.tau
-    groups = _trainable(model, cfg)
+    groups = _trainable(comp, model, cfg)
     if not groups:
         raise ConfigError(f"{comp.name} has nothing to train", "enable stages.finetune.full or disable the stage")
     opt = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum)
     base_lrs = [g["lr"] for g in groups]
-    train_model: torch.nn.Module = _LossModel(model, cfg, target)
+    train_model: torch.nn.Module = _LossModel(model, comp, cfg, target)
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, find_unused_parameters=True)
 
@@ -216,8 +213,7 @@ def finetune(model: torch.nn.Module, teacher: Optional[torch.nn.Module], cfg: Fi
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    if comp.learnable:
-                        comp.clamp_(model)
+                    comp.after_step(model)
                     loss_v, ratio_v = float(loss.detach()), float(ratio.detach())
                     history.append({"step": step + 1, "loss": loss_v, "flops_ratio": ratio_v})
                 step += 1
@@ -233,4 +229,8 @@ def finetune(model: torch.nn.Module, teacher: Optional[torch.nn.Module], cfg: Fi
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    # The last train forward's diagnostics hold its autograd graph (masks with grad): drop them, or the trained
+    # model keeps that memory and can't be deep-copied (re-fitting copies it).
+    for attr in ("ltmpctl_masks", "ltmpctl_counts"):
+        model.__dict__.pop(attr, None)
     return FinetuneResult(step, ratio_v, loss_v, resumed, history)
