@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
@@ -150,10 +151,10 @@ class Recipe(_Section):
     model: ModelSection = Field(default_factory=ModelSection)  # what to compress
     compressor: CompressorSection = Field(default_factory=CompressorSection)  # how to compress it
     target: float = 0.5  # fraction of the original FLOPs to keep, in (0, 1]
-    seed: int = 0  # seeds torch, data order and augmentation
+    seed: int = Field(0, ge=0, lt=2**32)  # seeds torch, data order and augmentation (NumPy takes 32 bits)
     out: Optional[str] = None  # run directory; None = runs/<UTC time>-<model>-<compressor>-<target>/
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    threads: Optional[int] = Field(None, ge=1)  # torch CPU threads; None = torch's default
+    threads: Optional[int] = Field(None, ge=1, le=1024)  # torch CPU threads; None = torch's default
     data: DataSection = Field(default_factory=DataSection)  # images for calibration, training, evaluation
     stages: Stages = Field(default_factory=Stages)  # what the run does, in order
 
@@ -197,28 +198,115 @@ def _strip_value_error(msg: str) -> str:
     return msg.removeprefix("Value error, ")
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a hand-written recipe is a few KB; more is a wrong file (a checkpoint, a log)
+MAX_NODES = 100_000  # YAML values after expanding aliases: far above any recipe, far below an alias bomb
+MAX_INT = 2**63 - 1  # what torch and NumPy can take; larger integers only overflow somewhere deep inside
+
+
 def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
-    """The recipe file's mapping; an empty file is an empty recipe (all defaults)."""
+    """The recipe file's mapping; an empty file is an empty recipe (all defaults).
+
+    The file is untrusted: plain YAML only (`yaml.SafeLoader`: no `!!python/...` tags, nothing executes), no
+    alias bombs, no nesting deep enough to exhaust the stack, no non-finite or overflowing numbers.
+    """
     p = Path(path)
     try:
+        if p.is_file() and p.stat().st_size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size} bytes is too big for a recipe",
+                              "pass the YAML recipe file (a few KB), not a data or weights file")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such recipe file", "check the path; recipes/ has examples") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read recipe ({type(e).__name__}: {e})", "pass a YAML text file") from None
+        raise ConfigError(f"{p}: cannot read recipe ({type(e).__name__}: {_first_line(e)})",
+                          "pass a YAML text file") from None
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load(text, p)
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: {e.problem}", "recipes are plain YAML: remove the `!!` tag or the value "
+                          "that needs it") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or _first_line(e)
         raise ConfigError(f"{where}: invalid YAML: {problem}", "fix the YAML syntax at that line") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid YAML: nested too deeply", "a recipe is a few levels of sections") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}:1: a recipe must be a mapping of sections, not a {type(data).__name__}",
                           "start the file with keys such as `model:`, `compressor:`, `target:`")
+    check_numbers(data, str(p))
     return data
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _safe_load(text: str, path: Path) -> Any:
+    """yaml.safe_load, refusing documents whose aliases expand to more than MAX_NODES values (billion laughs:
+    a few lines of anchors that PyYAML keeps shared, but that validation and merging would walk in full)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_NODES:
+            raise ConfigError(f"{path}: its anchors and aliases expand to more than {MAX_NODES} values",
+                              "write the values out, or use fewer nested aliases") from None
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values `root` holds with every alias expanded; memoised per node, so linear in the file."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:  # an alias to its own ancestor: infinite when expanded
+            return MAX_NODES + 1
+        active.add(key)
+        if isinstance(node, yaml.MappingNode):
+            children = [c for pair in node.value for c in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_NODES:
+                break
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def check_numbers(tree: Any, where: str, path: str = "") -> None:
+    """Refuse nan/inf and integers past 64 bits anywhere in a recipe tree: no setting needs them, and they would
+    overflow (or make loops endless) deep inside torch instead of failing here with the key's name."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            check_numbers(v, where, f"{path}.{k}" if path else str(k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            check_numbers(v, where, f"{path}.{i}" if path else str(i))
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise ConfigError(f"{path or 'recipe'}: {tree} is not a finite number", f"give a finite value ({where})")
+    elif isinstance(tree, int) and not isinstance(tree, bool) and abs(tree) > MAX_INT:
+        raise ConfigError(f"{path or 'recipe'}: {tree:.3g} is too large", f"give a value below 2**63 ({where})")
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -380,6 +468,7 @@ def resolve(recipe: Union[str, Path, None] = None, overrides: Optional[dict[str,
         tree = _merge_layer(tree, _nest(overrides))
     for item in sets:
         parts, value = parse_set(item)
+        check_numbers(value, f"--set {item}", ".".join(parts))
         layer: dict[str, Any] = {}
         _put(layer, parts, value)
         tree = _merge_layer(tree, layer)

@@ -42,3 +42,15 @@ class DeviceError(LtmpctlError):
     """Android device problems (adb)."""
 
     exit_code = 4
+
+
+class WriteError(LtmpctlError):
+    """An output that can't be written: disk full, read-only file system, no permission."""
+
+    exit_code = 5
+
+
+class RunBusyError(LtmpctlError):
+    """A run directory another live process is writing."""
+
+    exit_code = 6

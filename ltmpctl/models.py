@@ -99,9 +99,31 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
             break
-    if not isinstance(sd, dict):
-        raise ModelError(f"checkpoint {str(p)!r} holds no state dict", "give a .safetensors file or a state dict")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ModelError(f"checkpoint {str(p)!r} holds no state dict (names -> tensors)",
+                         "give a .safetensors file or a torch state dict")
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _check_shapes(sd: dict[str, torch.Tensor], model: torch.nn.Module, checkpoint: str | Path, name: str) -> None:
+    """Refuse tensors whose shape differs from the model's (load_state_dict raises a many-line RuntimeError)."""
+    own = model.state_dict()
+    wrong = [k for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ModelError(f"checkpoint {str(checkpoint)!r} does not fit {name}: {len(wrong)} tensors have other "
+                         f"shapes (e.g. {k}: {list(sd[k].shape)} vs {list(own[k].shape)})",
+                         "pass the --model-kwargs the checkpoint was trained with (img_size, embed_dim, ...)")
+
+
+def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str | Path) -> None:
+    """`model.load_state_dict(sd)` (strict) with a mismatch as one ModelError naming `source`."""
+    _check_shapes(sd, model, source, type(model).__name__)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"{source} does not fit the model: {len(missing)} missing keys (e.g. {missing[:2]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})",
+                         "the file was replaced or edited; rerun the step that wrote it")
 
 
 def create(spec: ModelSpec) -> torch.nn.Module:
@@ -126,9 +148,10 @@ def create(spec: ModelSpec) -> torch.nn.Module:
     check_supported(model)
     if checkpoint is not None:
         sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(checkpoint).items()}
+        _check_shapes(sd, model, checkpoint, name)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
-            raise ModelError(f"checkpoint does not fit {name}: {len(missing)} missing keys (e.g. "
+            raise ModelError(f"checkpoint {str(checkpoint)!r} does not fit {name}: {len(missing)} missing keys (e.g. "
                              f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})",
                              "pass the --model-kwargs the checkpoint was trained with")
     return model.eval()

@@ -44,15 +44,15 @@ def load_run(run_dir: Path | str) -> tuple[torch.nn.Module, torch.nn.Module, dic
     spec = model_spec(recipe)
     # The run dir is self-contained: weights come from it, never from the network.
     spec = models.ModelSpec(spec.name, pretrained=False, checkpoint=None, kwargs=spec.kwargs)
-    from safetensors.torch import load_file
-
-    state = load_file(str(weights))
+    # models' readers: a truncated or foreign weights file is one ModelError naming it, not a traceback.
+    state = models.load_state_dict(weights)
     base = models.create(spec)
-    base_state = load_file(str(run.file(BASE_FILE))) if run.file(BASE_FILE).exists() else state
-    base.load_state_dict({k: v for k, v in base_state.items() if k in base.state_dict()})
+    base_state = models.load_state_dict(run.file(BASE_FILE)) if run.file(BASE_FILE).exists() else state
+    base_file = run.file(BASE_FILE) if run.file(BASE_FILE).exists() else weights
+    models.load_weights(base, {k: v for k, v in base_state.items() if k in base.state_dict()}, base_file)
     params = summary.get("params") or recipe.compressor.params
     compressed = ltmpctl.apply(models.create(spec), recipe.compressor.name, **params)
-    compressed.load_state_dict(state)
+    models.load_weights(compressed, state, weights)
     data_config = models.data_config(base, spec)
     info = {"input_size": list(data_config["input_size"]), "flops_ratio": summary.get("flops_ratio"),
             "compressor": recipe.compressor.name, "params": params, "model": spec.name,

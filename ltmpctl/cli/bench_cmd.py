@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ConfigError
+from ..rundir import RunDir
 from ._app import app, console, err_console
 from ._pairs import PairsCommand
 
@@ -91,6 +92,9 @@ def _classify(target: str) -> tuple[str, Any]:
     if p.is_file():
         if p.suffix.lower() not in FILE_SUFFIXES:
             raise ConfigError(f"can't benchmark a {p.suffix or 'suffix-less'} file", "give a .onnx, .pte or .pt file")
+        from ..export.files import check_file
+
+        check_file(p)  # a truncated export: one line naming it, not a parser's traceback
         return "file", p
     if p.suffix.lower() in FILE_SUFFIXES or os.sep in target:
         raise ConfigError(f"{target!r} not found", "check the path")
@@ -392,6 +396,8 @@ def bench_cmd(
                   threads, device)
     _check_flags(batch, here.warmup, here.repeats, backend)
     kind, obj = _pick_target(target, run)
+    # <run>/bench is written into the run dir: refused while a compress or export writes it (held until exit).
+    writer = RunDir(obj).lock() if kind == "run" and out is None else None  # noqa: F841
     size = _parse_shape(input_size)
     if compressor and kind != "model":
         raise ConfigError("--compressor applies to model names", "a run directory already has its compressed model")

@@ -56,11 +56,19 @@ class SkippingLoader(DataLoader):
         self.on_skip = on_skip
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+        readable, unreadable, first = 0, 0, None
         for images, labels, skipped in super().__iter__():
             for item in skipped:
+                unreadable += 1
+                first = first or item
                 self.on_skip(item)
             if images is not None:
+                readable += 1
                 yield images, labels
+        if readable == 0 and first is not None:
+            # Nothing to compute on: say which files, instead of an empty torch.cat or a mean over 0 images.
+            raise DataError(f"none of the {unreadable} images read could be decoded (e.g. {first.path}: "
+                            f"{first.reason})", "replace the broken files or point --data at the right folder")
 
 
 class RefitDemo(Dataset):

@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, ExportError
-from ..rundir import atomic_write
+from ..rundir import RunDir, atomic_write
 from . import mobile, onnx, torchscript
+from .files import check_file
 from .verify import (MAX_BATCH, MIN_IMAGES, TOLERANCE, Reference, Verification, check_images, compare,
                      is_data_dependent, reference)
 
-__all__ = ["export_model", "export_run", "probe_images", "FORMATS", "DEFAULT_OPSET", "VERIFY_FILE"]
+__all__ = ["export_model", "export_run", "probe_images", "check_file", "FORMATS", "DEFAULT_OPSET", "VERIFY_FILE"]
 
 DEFAULT_OPSET = 18
 VERIFY_FILE = "verify.json"
@@ -210,12 +211,26 @@ def export_run(run_dir: Union[str, Path], formats: Sequence[str], out_dir: Optio
     shape = model_image_shape(model, info.get("input_size"))
     example, images = probe_images(shape, 2, seed=1), probe_images(shape, MIN_IMAGES, seed=0)
     out = Path(out_dir) if out_dir is not None else run / "export"
-    records = []
-    for fmt in formats:
-        if progress is not None:
-            progress(fmt)
-        records.append(_export_one(model, fmt, out, example, images, opset, keep_going))
-    return records
+    # Writing inside the run dir makes this its writer: refused while a compress (or another export) writes it.
+    writer = RunDir(run).lock() if _inside(out, run) else None
+    try:
+        records = []
+        for fmt in formats:
+            if progress is not None:
+                progress(fmt)
+            records.append(_export_one(model, fmt, out, example, images, opset, keep_going))
+        return records
+    finally:
+        if writer is not None:
+            writer.unlock()
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def _export_one(model: torch.nn.Module, fmt: str, out: Path, example: Tensor, images: Tensor, opset: int,

@@ -13,8 +13,8 @@ worker processes seed their own augmentation per epoch, so their draws after a m
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from ..config import FinetuneStage
 from ..data.folder import collate_skipping
 from ..data.loaders import DataSpec, build_loader
 from ..errors import ConfigError
+from ..rundir import atomic_write
 
 CKPT = "finetune.ckpt"
 
@@ -175,9 +176,9 @@ def finetune(model: torch.nn.Module, teacher: Optional[torch.nn.Module], cfg: Fi
         if ckpt is None or rank != 0:
             return
         trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        tmp = ckpt.with_name(ckpt.name + ".tmp")
-        torch.save({"model": trainable, "opt": opt.state_dict(), "rng": rng_at_step, "step": step}, tmp)
-        os.replace(tmp, ckpt)
+        buf = io.BytesIO()
+        torch.save({"model": trainable, "opt": opt.state_dict(), "rng": rng_at_step, "step": step}, buf)
+        atomic_write(ckpt, buf.getvalue())  # tmp + fsync + rename: a kill keeps the last one; disk full: one line
 
     history: list[dict[str, float]] = []
     loss_v = ratio_v = float("nan")
