@@ -25,9 +25,9 @@ from .config import Recipe, dump
 from .data.loaders import DataSpec, SkippingLoader, build_loader
 from .data.sanity import check_classes
 from .errors import ConfigError
-from .rundir import SUMMARY, RunDir
+from .rundir import RECIPE_FILE, SUMMARY, RunDir
 from .runs import BASE_FILE, MODEL_FILE, data_spec, model_spec
-from .stages.calibrate import calibrate, refit
+from .stages.calibrate import calibrate, fit
 from .stages.evaluate import evaluate
 from .stages.finetune import CKPT, finetune
 
@@ -171,7 +171,7 @@ def run_compress(recipe: Recipe, hooks: Optional[Hooks] = None, resume: Optional
             # recipe's); only --resume continues them.
             for stale in (SUMMARY, CKPT):
                 ctx.run.file(stale).unlink(missing_ok=True)
-            ctx.run.write_text("resolved.yaml", dump(recipe))
+            ctx.run.write_text(RECIPE_FILE, dump(recipe))
         ctx.checkpoints = ctx.run.path
         ctx.write(run_dir=str(ctx.run.path))
         ctx.run.write_env(recipe.seed, str(device), torch.get_num_threads())
@@ -189,9 +189,17 @@ def _stages(ctx: Context, base: torch.nn.Module, mspec: models.ModelSpec, dspec:
     ctx.write(model=mspec.name, compressor=comp.name, target=recipe.target, seed=recipe.seed,
               data=dspec.path, input_size=list(data_config["input_size"]))
 
+    loaded: list[torch.Tensor] = []
+
+    def calibration_images() -> torch.Tensor:
+        """The seeded train images calibration and re-fitting measure: decoded once, only if one of them runs."""
+        if not loaded:
+            loaded.append(train_images(dspec, data_config, st.calibrate.images, recipe.seed).to(ctx.device))
+        return loaded[0]
+
     if st.calibrate.enabled and "calibration" not in ctx.summary:
         hooks.stage("calibrate")
-        images = train_images(dspec, data_config, st.calibrate.images, recipe.seed).to(ctx.device)
+        images = calibration_images()
         cal = calibrate(base, comp, params, recipe.target, images, st.calibrate.tolerance, st.calibrate.max_iters)
         params = {**params, **cal.params}
         ctx.write(params=params, calibration={"flops_ratio": cal.flops_ratio, "iterations": cal.iterations,
@@ -207,16 +215,15 @@ def _stages(ctx: Context, base: torch.nn.Module, mspec: models.ModelSpec, dspec:
                           ctx.device, ctx.checkpoints,
                           lambda d, t, info: hooks.progress("finetune", d, t, info))
         params = {**params, **comp.trained_params(compressed)}
-        if st.calibrate.enabled:
-            images = train_images(dspec, data_config, st.calibrate.images, recipe.seed).to(ctx.device)
+        knob = comp.refit_knob(compressed, params) if st.calibrate.enabled else None
+        if knob is not None:
             # On the fine-tuned model: with `full` its weights changed too, and they are what the params serve.
-            cal = refit(compressed, comp, params, recipe.target, images, st.calibrate.tolerance,
-                        st.calibrate.max_iters)
-            if cal is not None:
-                ctx.write(recalibration={"flops_ratio": cal.flops_ratio, "iterations": cal.iterations,
-                                         "searched": cal.knob})
-                hooks.log(f"recalibrated {cal.knob}: FLOPs ratio {cal.flops_ratio:.3f}")
-                params = cal.params
+            cal = fit(compressed, comp, params, knob, recipe.target, calibration_images(), st.calibrate.tolerance,
+                      st.calibrate.max_iters)
+            ctx.write(recalibration={"flops_ratio": cal.flops_ratio, "iterations": cal.iterations,
+                                     "searched": cal.knob})
+            hooks.log(f"recalibrated {cal.knob}: FLOPs ratio {cal.flops_ratio:.3f}")
+            params = {**params, **cal.params}
         compressed = ltmpctl.apply(compressed, comp.name, **params)
         ctx.write(params=params, finetune={"steps": result.steps, "final_loss": result.final_loss,
                                            "final_train_flops_ratio": result.final_ratio,

@@ -4,8 +4,9 @@ The FLOPs fraction is measured: the compressed model runs in eval mode on calibr
 gives each image's real tokens per block, and the one FLOPs formula (`ltmpctl.flops`, cross-checked against fvcore
 by the flops stage) turns them into MACs, averaged over images.
 
-What is searched is the compressor's own `Knob` (`Compressor.calibration_knob` before training,
-`Compressor.refit_knob` after it): one monotone dial, bisected (over whole values for an integer knob).
+What is searched is the compressor's own `Knob` (`Compressor.calibration_knob` before training, by `calibrate`;
+`Compressor.refit_knob` after it, by the pipeline through `fit`): one monotone dial, bisected (over whole values
+for an integer knob).
 """
 from __future__ import annotations
 
@@ -84,12 +85,3 @@ def calibrate(base: torch.nn.Module, comp: Compressor, params: dict[str, Any], t
     """Fit the compressor's calibration knob on the uncompressed `base`; other given params are kept."""
     return fit(base, comp, params, comp.calibration_knob(base, params), target, images, tolerance, max_iters)
 
-
-def refit(trained: torch.nn.Module, comp: Compressor, params: dict[str, Any], target: float, images: torch.Tensor,
-          tolerance: float, max_iters: int) -> Optional[Calibration]:
-    """After fine-tuning: fit the compressor's re-fit knob on the trained model; None when it has none."""
-    knob = comp.refit_knob(trained, params)
-    if knob is None:
-        return None
-    cal = fit(trained, comp, params, knob, target, images, tolerance, max_iters)
-    return Calibration({**params, **cal.params}, cal.flops_ratio, cal.iterations, cal.knob)
