@@ -24,7 +24,7 @@ from .config import Recipe, load_yaml, resolve, to_dict
 from .errors import ConfigError, LtmpctlError
 from .models import DEMO
 from .pipeline import Hooks, resolve_device, run_compress
-from .rundir import RUNS_ROOT, RunDir
+from .rundir import RECIPE_FILE, RUNS_ROOT, STATUS, RunDir
 from .runs import load_run
 
 TARGETS_HINT = "write comma-separated fractions of FLOPs to keep, e.g. --targets 0.4,0.5,0.6,0.7"
@@ -188,8 +188,8 @@ def _run_hash(run: RunDir) -> Optional[str]:
         stored = run.read_summary().get(HASH_KEY)
         if stored:
             return str(stored)
-        if run.file("resolved.yaml").is_file():
-            return result_hash(resolve(run.file("resolved.yaml")))
+        if run.file(RECIPE_FILE).is_file():
+            return result_hash(resolve(run.file(RECIPE_FILE)))
     except LtmpctlError:  # a hand-edited or foreign directory: never a match
         return None
     return None
@@ -201,7 +201,7 @@ def index_runs(runs_root: Path) -> dict[str, list[tuple[Path, Optional[str]]]]:
     if not runs_root.is_dir():
         return found
     for path in sorted(runs_root.iterdir()):
-        if not (path / "status.json").is_file():
+        if not (path / STATUS).is_file():
             continue
         run = RunDir(path)
         h = _run_hash(run)

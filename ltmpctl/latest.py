@@ -1,23 +1,21 @@
 """The most recent finished compress run under runs/: what `ltmpctl bench` (and friends) use when given no target."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConfigError
+from .errors import ConfigError, LtmpctlError
+from .rundir import RECIPE_FILE, RUNS_ROOT, RunDir
+from .runs import MODEL_FILE
 
-RUNS_ROOT = Path("runs")
-RECIPE_FILE = "resolved.yaml"
-WEIGHTS_FILE = "model.safetensors"  # what a finished run leaves (pipeline.MODEL_FILE)
 NO_RUN_HINT = "run `ltmpctl compress demo --target 0.5` first, or name a run directory, model or file"
 
 
 def _finished_at(path: Path) -> Optional[str]:
     """status.json's `finished` time (ISO, sorts as text) when the run completed, else None."""
     try:
-        status = json.loads((path / "status.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        status = RunDir(path).status()
+    except (OSError, LtmpctlError):  # unreadable or not ltmpctl's: not a finished run
         return None
     if not isinstance(status, dict) or status.get("state") != "complete":
         return None
@@ -30,7 +28,7 @@ def finished_runs(root: Path = RUNS_ROOT) -> list[Path]:
         return []
     found = []
     for path in root.iterdir():
-        if not (path / RECIPE_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        if not (path / RECIPE_FILE).is_file() or not (path / MODEL_FILE).is_file():
             continue
         when = _finished_at(path)
         if when is not None:

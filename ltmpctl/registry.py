@@ -52,18 +52,19 @@ def _load(ep: Any, src: str) -> Entry:
 
 def _scan() -> dict[str, Entry]:
     found: dict[str, Entry] = {}
+    first: dict[str, str] = {}  # name -> source of its first registration
     seen: set[tuple[str, str]] = set()
     for ep in entry_points(group=GROUP):
         if (ep.name, ep.value) in seen:  # the same distribution seen twice on sys.path (e.g. editable + site)
             continue
         seen.add((ep.name, ep.value))
         src = _source(ep)
-        if ep.name in found:  # ambiguous: neither registration is used
-            first = found[ep.name].source.split(" (")[0]
-            found[ep.name] = Entry(ep.name, None, f"{first} (and {src})", PluginError(
-                f"compressor {ep.name!r} is registered twice: by {first} and by {src} ({ep.value})",
+        if ep.name in first:  # ambiguous: neither registration is used
+            found[ep.name] = Entry(ep.name, None, f"{first[ep.name]} (and {src})", PluginError(
+                f"compressor {ep.name!r} is registered twice: by {first[ep.name]} and by {src} ({ep.value})",
                 "uninstall one of the two packages"))
             continue
+        first[ep.name] = src
         found[ep.name] = _load(ep, src)
     return found
 

@@ -37,6 +37,7 @@ except ImportError:  # Windows: no flock; the lock falls back to checking the re
     fcntl = None  # type: ignore[assignment]
 
 RUNS_ROOT = Path("runs")
+RECIPE_FILE = "resolved.yaml"  # the resolved recipe of a compress run: what marks a run dir to reopen
 STATUS = "status.json"
 SUMMARY = "summary.json"
 ENV = "env.json"

@@ -13,7 +13,7 @@ from . import models
 from .config import Recipe, resolve
 from .data.loaders import DataSpec
 from .errors import ConfigError
-from .rundir import RunDir
+from .rundir import RECIPE_FILE, RunDir
 
 MODEL_FILE = "model.safetensors"  # the compressed model, thresholds included
 BASE_FILE = "base.safetensors"  # the uncompressed weights, written only when full fine-tuning changed them
@@ -34,10 +34,10 @@ def model_spec(recipe: Recipe) -> models.ModelSpec:
 def load_run(run_dir: Path | str) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
     """(base_model, compressed_model, info) of a run; info: input_size, flops_ratio, compressor, params, data."""
     run = RunDir.open(run_dir)
-    recipe_file = run.file("resolved.yaml")
+    recipe_file = run.file(RECIPE_FILE)
     weights = run.file(MODEL_FILE)
     if not recipe_file.exists() or not weights.exists():
-        raise ConfigError(f"{run.path} holds no finished compress run (no resolved.yaml / {MODEL_FILE})",
+        raise ConfigError(f"{run.path} holds no finished compress run (no {RECIPE_FILE} / {MODEL_FILE})",
                           "run `ltmpctl compress` first, or --resume it if it was interrupted")
     recipe = resolve(recipe_file)
     summary = run.read_summary()
@@ -47,8 +47,8 @@ def load_run(run_dir: Path | str) -> tuple[torch.nn.Module, torch.nn.Module, dic
     # models' readers: a truncated or foreign weights file is one ModelError naming it, not a traceback.
     state = models.load_state_dict(weights)
     base = models.create(spec)
-    base_state = models.load_state_dict(run.file(BASE_FILE)) if run.file(BASE_FILE).exists() else state
     base_file = run.file(BASE_FILE) if run.file(BASE_FILE).exists() else weights
+    base_state = state if base_file == weights else models.load_state_dict(base_file)
     models.load_weights(base, {k: v for k, v in base_state.items() if k in base.state_dict()}, base_file)
     params = summary.get("params") or recipe.compressor.params
     compressed = ltmpctl.apply(models.create(spec), recipe.compressor.name, **params)

@@ -14,12 +14,11 @@ import typer
 from rich.table import Table
 
 from ..errors import ConfigError
-from ..rundir import RunDir
+from ..rundir import RECIPE_FILE, RunDir
 from ._app import app, console, err_console
 from ._pairs import PairsCommand
 
 FILE_SUFFIXES = (".onnx", ".pte", ".pt")
-RUN_MARKER = "resolved.yaml"
 DEFAULT_INPUT = (3, 224, 224)
 BACKENDS = ("torch", "onnxruntime")
 
@@ -85,8 +84,8 @@ def _classify(target: str) -> tuple[str, Any]:
     """("run", dir) | ("file", path) | ("model", name)."""
     p = Path(target)
     if p.is_dir():
-        if not (p / RUN_MARKER).is_file():
-            raise ConfigError(f"{target!r} is a directory without {RUN_MARKER}",
+        if not (p / RECIPE_FILE).is_file():
+            raise ConfigError(f"{target!r} is a directory without {RECIPE_FILE}",
                               "give a run directory, an exported .onnx/.pte/.pt file or a model name")
         return "run", p
     if p.is_file():
@@ -342,7 +341,7 @@ def _pick_target(target: Optional[str], run: Optional[Path]) -> tuple[str, Any]:
     if run is not None:
         kind, obj = _classify(str(run))
         if kind != "run":
-            raise ConfigError(f"--run {str(run)!r} is not a run directory", f"give a directory with {RUN_MARKER}")
+            raise ConfigError(f"--run {str(run)!r} is not a run directory", f"give a directory with {RECIPE_FILE}")
         return kind, obj
     if target is not None:
         return _classify(target)

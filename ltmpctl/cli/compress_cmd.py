@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from ..errors import ConfigError
+from ..rundir import RECIPE_FILE
 from ._app import app, console, err_console
 from ._pairs import PairsCommand
 
@@ -131,9 +132,9 @@ def compress(
     from ..pipeline import Hooks, run_compress
 
     if resume is not None:
-        if not (resume / "resolved.yaml").is_file():
-            raise ConfigError(f"{resume} is not a run directory (no resolved.yaml)", "give the RUN_DIR to resume")
-        recipe = resume / "resolved.yaml"
+        if not (resume / RECIPE_FILE).is_file():
+            raise ConfigError(f"{resume} is not a run directory (no {RECIPE_FILE})", "give the RUN_DIR to resume")
+        recipe = resume / RECIPE_FILE
     elif recipe is None and model == DEMO:
         from ..demo import RECIPE
 

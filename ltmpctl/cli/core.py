@@ -20,13 +20,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError, PluginError
+from ..rundir import RECIPE_FILE
 from ._app import app, console, err_console
 from ._pairs import PairsCommand
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 # Distributions whose versions decide what ltmpctl can do here; executorch is optional (mobile export).
 VERSIONED = ("ltmpctl", "torch", "torchvision", "timm", "fvcore", "onnx", "onnxruntime", "executorch")
-RUN_MARKER = "resolved.yaml"
 FLOPS_FILE = "flops.json"
 
 
@@ -292,8 +292,8 @@ def _run_dir(target: str) -> Optional[Path]:
     """The run directory `target` names, None for a model name; a directory that is not a run is an error."""
     p = Path(target)
     if p.is_dir():
-        if not (p / RUN_MARKER).is_file():
-            raise ConfigError(f"{target!r} is a directory without {RUN_MARKER}",
+        if not (p / RECIPE_FILE).is_file():
+            raise ConfigError(f"{target!r} is a directory without {RECIPE_FILE}",
                               "give a run directory made by `ltmpctl compress`, or a model name")
         return p
     if os.sep in target or p.suffix in (".yaml", ".yml", ".safetensors"):
