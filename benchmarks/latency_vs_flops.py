@@ -10,8 +10,10 @@ timed on other images of the same kind; base and compressed models run interleav
 FLOPs = ltmpctl's analytic MACs of the tokens each timed image keeps, as a fraction of the unreduced model's;
 exec = what the batched forward really computes (`ltmpctl.flops.executed_macs`: ltmp runs attention's n x n
 products padded to the batch's widest image), equal to FLOPs at batch 1. lat/FLOPs = latency ratio / FLOPs ratio
-(1.00 = time falls exactly with FLOPs). ops/blk = aten ops called from Python per forward, over the blocks (torch
-rows; the plain timm block is the base row). `--profile` adds where each forward's time goes.
+(1.00 = time falls exactly with FLOPs). bound = the latency ratio with zero reduction overhead: the base model's own
+blocks fed the compressor's token schedule by plain slicing (torch rows where every image of the batch keeps the
+same counts; shared/SPEED.md). ops/blk = aten ops called from Python per forward, over the blocks (torch rows; the
+plain timm block is the base row). `--profile` adds where each forward's time goes.
 """
 from __future__ import annotations
 
@@ -79,6 +81,33 @@ def export(model: torch.nn.Module, fmt: str, out: Path, images: torch.Tensor) ->
     return out / FORMATS[fmt].filename
 
 
+class Bound(torch.nn.Module):
+    """The zero-overhead bound of a token schedule: `base`'s own blocks, block i fed the first schedule[i] tokens."""
+
+    def __init__(self, base: torch.nn.Module, schedule: list[int]) -> None:
+        super().__init__()
+        self.base, self.schedule = base, schedule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.base
+        x = m.norm_pre(m._pos_embed(m.patch_embed(x)))
+        for blk, n in zip(m.blocks, self.schedule):
+            x = blk(x[:, :n])
+        return m.forward_head(m.norm(x))
+
+
+def bound_of(base: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor) -> Bound | None:
+    """`model`'s schedule on `x` as a `Bound`, when every image keeps the same token counts (None otherwise)."""
+    from ltmpctl.compressor import token_counts
+
+    with torch.inference_mode():
+        model(x)
+    counts = token_counts(model)[..., 0]  # (B, depth): tokens into each block
+    if not bool((counts == counts[:1]).all()):
+        return None
+    return Bound(base, [int(n) for n in counts[0].tolist()])
+
+
 def measure(label: str, base: torch.nn.Module, images: Callable[[int, int], torch.Tensor],
             args: argparse.Namespace, tmp: Path) -> tuple[list[dict], list[dict]]:
     """(latency rows, profile rows): every model at every batch, on every backend."""
@@ -97,8 +126,12 @@ def measure(label: str, base: torch.nn.Module, images: Callable[[int, int], torc
     for batch in args.batches:
         x = timed_images[:batch]
         print(f"{label}: batch {batch}", flush=True)
-        timed = {"torch": bench_torch_models(list(models.values()), input_shape, batch, args.warmup, args.repeats,
-                                             threads=args.threads, images=x)}
+        bounds = {n: b for n, m in models.items() if n != "base" and (b := bound_of(base, m, x)) is not None}
+        torch_rows = bench_torch_models([*models.values(), *bounds.values()], input_shape, batch, args.warmup,
+                                        args.repeats, threads=args.threads, images=x)
+        bound_ratio = {n: compare_rows(torch_rows[0], row, None)["latency_ratio"]
+                       for n, row in zip(bounds, torch_rows[len(models):])}
+        timed = {"torch": torch_rows[:len(models)]}
         if "onnxruntime" in files:
             timed["onnxruntime"] = bench_onnx_files(list(files["onnxruntime"].values()), input_shape, batch,
                                                     args.warmup, args.repeats, threads=args.threads, images=x)
@@ -111,6 +144,7 @@ def measure(label: str, base: torch.nn.Module, images: Callable[[int, int], torc
             for backend, backend_rows in timed.items():
                 rows.append({"model": label, "method": name, "params": params[name], "exec_ratio": executed,
                              "ops_per_block": ops if backend == "torch" else None,
+                             "bound": bound_ratio.get(name) if backend == "torch" else None,
                              **compare_rows(backend_rows[0], backend_rows[i], ratio)})
             if args.profile:
                 profiles.append({"model": label, "method": name, "backend": "torch", "batch": batch,
@@ -123,15 +157,17 @@ def measure(label: str, base: torch.nn.Module, images: Callable[[int, int], torc
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'method':<6} {'backend':<11} {'batch':>5} {'FLOPs':>6} {'exec':>6} {'p50 ms':>9} {'img/s':>8} "
-            f"{'lat.':>6} {'speedup':>7} {'lat/FLOPs':>9} {'ops/blk':>7}  params")
+            f"{'lat.':>6} {'bound':>6} {'speedup':>7} {'lat/FLOPs':>9} {'ops/blk':>7}  params")
     for model in dict.fromkeys(r["model"] for r in rows):
         print(f"\n{model}")
         print(head)
         print("-" * (len(head) + 30))
         for r in (r for r in rows if r["model"] == model):
             ops = f"{r['ops_per_block']:7.0f}" if r["ops_per_block"] is not None else f"{'':7}"
+            bound = f"{r['bound']:6.3f}" if r.get("bound") is not None else f"{'':6}"
             print(f"{r['method']:<6} {r['backend']:<11} {r['batch']:>5} {r['flops_ratio']:>6.3f} "
                   f"{r['exec_ratio']:>6.3f} {r['p50_ms']:>9.2f} {r['images_per_s']:>8.1f} {r['latency_ratio']:>6.3f} "
+                  f"{bound} "
                   f"{r['speedup']:>6.2f}x {r['latency_ratio'] / r['flops_ratio']:>9.2f} {ops}  {r['params']}")
 
 

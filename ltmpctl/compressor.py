@@ -8,7 +8,7 @@ and each timm `Block` becomes a `TokenBlock` that calls the block's own `norm1`,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from .errors import ConfigError, ModelError
-from .tokens import AttentionOut, attention, unpack
+from .tokens import AttentionOut, attention, eager, unpack
 
 
 class Params(BaseModel):
@@ -37,6 +37,15 @@ class TokenBlock(Block):
     train_mask: ClassVar[bool] = False
     num_prefix: int = 1
     prop_attn: bool = True
+    # Every token entering this block stands for one patch (block 0, or a compressor that never merges): the
+    # log(size) bias is then exactly zero, and an eager forward skips it.
+    uniform_size: bool = False
+
+    @property
+    def size_bias(self) -> bool:
+        """Whether attention adds proportional attention's log(size) key bias in this block. Traced forms (exports,
+        fvcore) keep it everywhere: the exported graphs stay the ones their parity tests verify."""
+        return self.prop_attn and not (self.uniform_size and eager())
 
     def forward(  # type: ignore[override]
         self, x: Tensor, size: Tensor, mask: Optional[Tensor]
@@ -44,7 +53,7 @@ class TokenBlock(Block):
         if mask is None and self.train_mask and self.training:
             mask = x.new_ones(x.shape[:2])
         a = attention(self.attn, self.norm1(x), size, mask, self.num_prefix,
-                      self.importance_mode, self.need_metric, self.prop_attn)
+                      self.importance_mode, self.need_metric, self.size_bias)
         x = x + self.drop_path1(self.ls1(a.out))
         x, size, mask = self.reduce(x, size, mask, a)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -56,11 +65,19 @@ class TokenBlock(Block):
         return x, size, mask
 
 
-def _alive_count(x: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Tokens per image (B,): the hard mask's sum, or the sequence length when nothing is masked."""
+def _alive_count(x: Tensor, mask: Optional[Tensor]) -> Union[int, Tensor]:
+    """Tokens per image: the hard mask's sum (B,), or the sequence length (an int) when nothing is masked."""
     if mask is None:
-        return torch.full((x.shape[0],), float(x.shape[1]), device=x.device)
+        return x.shape[1]
     return mask.detach().float().sum(dim=1)
+
+
+def _count_table(alive: list[Union[int, Tensor]], batch: int, device: torch.device) -> Tensor:
+    """(B, len(alive)) float token counts; all-int lists (no masks anywhere) become one tensor in one op."""
+    if all(isinstance(a, int) for a in alive):
+        return torch.tensor(alive, dtype=torch.float32, device=device).expand(batch, -1)
+    return torch.stack([a if isinstance(a, Tensor) else torch.full((batch,), float(a), device=device)
+                        for a in alive], dim=1)
 
 
 class CompressedViT:
@@ -78,7 +95,7 @@ class CompressedViT:
         x = self.norm_pre(x)
         size = x.new_ones(x.shape[0], x.shape[1], 1)  # (B, N, 1): every token is one patch
         mask: Optional[Tensor] = None
-        alive = [_alive_count(x, mask)]  # tokens entering block 0, then leaving each block: (B,) each
+        alive = [_alive_count(x, mask)]  # tokens entering block 0, then leaving each block: an int, or (B,) under masks
         masks = []
         for blk in self.blocks:
             x, size, mask = blk(x, size, mask)
@@ -88,7 +105,7 @@ class CompressedViT:
             x = unpack(x, mask)
         if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             # Diagnostics of the last forward: read by token_counts() and by LTMP's FLOPs loss.
-            n = torch.stack(alive, dim=1)  # (B, depth + 1)
+            n = _count_table(alive, x.shape[0], x.device)  # (B, depth + 1)
             self.ltmpctl_counts = torch.stack([n[:, :-1], n[:, 1:]], dim=-1)  # (B, depth, 2)
             self.ltmpctl_masks = masks
         return self.norm(x)
@@ -196,6 +213,7 @@ class Compressor:
         for i, blk in enumerate(model.blocks):
             blk.__class__ = self.block_class
             blk.num_prefix = model.num_prefix_tokens
+            blk.uniform_size = i == 0  # sizes start at 1; a compressor that never merges sets it everywhere
             self.configure_block(blk, i, depth, params)
         model.ltmpctl_compressor = self.name
         model.ltmpctl_params = params.model_dump()

@@ -94,12 +94,14 @@ def attention_core(
     else:
         probs = attention_probs(q, k, attn.scale, bias, mask, attn.training, fast)  # (B, h, N, N)
         if importance == "cls":
-            imp = prefix_inf(probs[:, :, 0, :].mean(1), num_prefix)
+            imp = prefix_inf(probs[:, :, 0, :].mean(1), num_prefix, fast)
         elif importance is not None:
-            imp = received_attention(probs, mask, num_prefix)
+            imp = received_attention(probs, mask, num_prefix, fast)
         o = attn.attn_drop(probs) @ v
     o = o.transpose(1, 2).reshape(B, N, attn.attn_dim)
-    metric = k.mean(1) if need_metric else None
+    # ToMe's metric is the head-mean of the keys; it only enters through cosine similarity, which is scale-free, so
+    # the head sum serves (the mean's extra division makes it twice as slow on this strided view of qkv).
+    metric = k.sum(1) if need_metric else None
     return AttentionOut(o, imp, metric)
 
 
@@ -113,7 +115,12 @@ def attention_probs(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor], 
     """
     B, h, N, hd = q.shape
     if fast and (mask is None or mask.dtype == torch.bool):
-        inp = bias.expand(B, h, 1, N).reshape(B * h, 1, N) if bias is not None else q.new_zeros(1, 1, 1)
+        if bias is None:
+            inp = q.new_zeros(1, 1, 1)
+        elif B == 1:  # broadcast over the heads as it is (a copy per head costs a kernel of its own)
+            inp = bias.view(1, 1, N)
+        else:
+            inp = bias.expand(B, h, 1, N).reshape(B * h, 1, N)
         logits = torch.baddbmm(inp, q.reshape(B * h, N, hd), k.reshape(B * h, N, hd).transpose(1, 2), alpha=scale,
                                beta=1.0 if bias is not None else 0.0)
         return logits.softmax(dim=-1).view(B, h, N, N)
@@ -154,22 +161,29 @@ def masked_softmax(logits: Tensor, mask: Tensor, training: bool) -> Tensor:
     return e / e.sum(dim=-1, keepdim=True)
 
 
-def received_attention(probs: Tensor, mask: Optional[Tensor], num_prefix: int) -> Tensor:
+def received_attention(probs: Tensor, mask: Optional[Tensor], num_prefix: int, fast: bool = False) -> Tensor:
     """Importance of each token: attention it receives, averaged over heads and query rows; prefix tokens +inf.
 
     Padding rows (bool mask) are left out of the average, so each image gets what batch 1 would give. A float
     (train) mask keeps every row, as the reference LTMP does in training.
     """
+    B, h, N, _ = probs.shape
     if mask is not None and mask.dtype == torch.bool:
         rows = mask.to(probs.dtype)  # (B, N)
-        imp = (probs.sum(1) * rows.unsqueeze(-1)).sum(1) / (rows.sum(1, keepdim=True) * probs.shape[1])
+        imp = (probs.sum(1) * rows.unsqueeze(-1)).sum(1) / (rows.sum(1, keepdim=True) * h)
     else:
-        imp = probs.mean(dim=(1, 2))
-    return prefix_inf(imp, num_prefix)
+        # One reduction over the (heads x queries) rows of the contiguous probabilities: the mean over dims (1, 2)
+        # takes a slower strided path.
+        imp = probs.reshape(B, h * N, -1).sum(1) / (h * N)
+    return prefix_inf(imp, num_prefix, fast)
 
 
-def prefix_inf(imp: Tensor, num_prefix: int) -> Tensor:
-    """Give prefix tokens infinite importance: they are never pruned."""
+def prefix_inf(imp: Tensor, num_prefix: int, fast: bool = False) -> Tensor:
+    """Give prefix tokens infinite importance: they are never pruned. `fast` (eager eval): in place, one small op
+    instead of three; the traced forms keep the out-of-place masked_fill that every exporter handles."""
+    if fast:
+        imp[:, :num_prefix].fill_(math.inf)
+        return imp
     is_prefix = torch.arange(imp.shape[1], device=imp.device) < num_prefix  # (N,)
     return imp.masked_fill(is_prefix, math.inf)
 
@@ -184,6 +198,23 @@ def split_ab(t: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
     first_even = num_prefix + num_prefix % 2
     first_odd = num_prefix + 1 - num_prefix % 2
     return t[:, first_even::2], t[:, first_odd::2]
+
+
+_CANDIDATE_POSITIONS: dict[tuple[int, int, torch.device], Tensor] = {}
+
+
+def candidate_positions(n: int, num_prefix: int, device: torch.device) -> Tensor:
+    """Where the merge's candidates (prefix, A, B: the order the references concatenate them in) sit in a sequence
+    of n tokens, (n,) int64. Fixed per length, so made once: gathering the kept candidates straight from the
+    sequence through it saves concatenating them in that order first."""
+    key = (n, num_prefix, device)
+    pos = _CANDIDATE_POSITIONS.get(key)
+    if pos is None:
+        with torch.inference_mode(False):  # a normal tensor: later forwards may run with autograd on
+            p = torch.arange(n, device=device)
+            src, dst = split_ab(p.unsqueeze(0), num_prefix)
+            pos = _CANDIDATE_POSITIONS[key] = torch.cat([p[:num_prefix], src[0], dst[0]])
+    return pos
 
 
 def _check_nonempty(na: int, nb: int) -> None:

@@ -30,6 +30,7 @@ from ltmpctl.tokens import (
     AttentionOut,
     attention_core,
     attention_proj,
+    candidate_positions,
     compact,
     eager,
     match,
@@ -87,7 +88,7 @@ class LTMPBlock(TokenBlock):
         rows = real_rows(mask)  # (T,)
         h = self.norm1(x)
         a = attention_core(self.attn, unpack(self.attn.qkv(h), mask, rows), unpack(size, mask, rows), mask,
-                           self.num_prefix, self.importance_mode, self.need_metric, self.prop_attn)
+                           self.num_prefix, self.importance_mode, self.need_metric, self.size_bias)
         x = x + self.drop_path1(self.ls1(attention_proj(self.attn, pack(a.out, mask, rows), h)))
         x, size, mask = self._reduce_packed(x, size, mask, a)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -116,8 +117,7 @@ class LTMPBlock(TokenBlock):
         # costs ~2 us per merged token (15x its single-thread time); scatter_add runs as one kernel.
         t = t.unsqueeze(0).scatter_add_(1, dst_rows, src)[0]
         # Candidates in the reference's order (prefix, unmerged A, B), kept ones per image in that order.
-        cand_pos = torch.cat([pos[:P], src_pos[0], dst_pos[0]])  # (N,)
-        t = t.index_select(0, (start.unsqueeze(1) + cand_pos)[keep])
+        t = t.index_select(0, (start.unsqueeze(1) + candidate_positions(N, P, x.device))[keep])
         kept = keep.sum(dim=1)
         # A floor of prefix + 2 positions, so that the next block's A/B split has a token on each side.
         width = max(int(kept.max()), P + 2)
@@ -158,20 +158,25 @@ class LTMPBlock(TokenBlock):
     def _reduce_single(self, x: Tensor, size: Tensor, a: AttentionOut):
         """Eager batch 1: no padding, so no mask to carry; tokens are simply selected (index_select), never padded.
 
-        Same decisions and values as the batched forms (`_reduce_packed`, `_reduce_eval`). ~20 small ops, none of which wakes the CPU thread pool
-        at these sizes (the dense scatter-max and the cumsum compaction exist only for the export runtimes).
+        Same decisions and values as the batched forms (`_reduce_packed`, `_reduce_eval`). ~20 small ops, none of
+        which wakes the CPU thread pool at these sizes (the dense scatter-max and the cumsum compaction exist only
+        for the export runtimes).
         """
         P = self.num_prefix
+        N = x.shape[1]
         t = torch.cat([x * size, size], dim=-1)  # (1, N, C + 1): merged alike, gathered alike
-        imp = a.importance  # (1, N), +inf on prefix tokens
-        if x.shape[1] - P >= 2:  # something to match (an image pruned to its prefix tokens has not)
+        if N - P < 2:  # nothing to match (an image pruned to its prefix tokens): prune only
+            kept = (a.importance[0] > self.prune_threshold).nonzero().squeeze(1)
+        else:
             node_max, node_idx = match(a.metric, P, None)
             merge = node_max > self.merge_threshold  # (1, NA)
             src_t, dst_t = split_ab(t, P)
-            dst_t = scatter_merge(dst_t, node_idx, src_t * merge.unsqueeze(-1))
-            t = torch.cat([t[:, :P], src_t, dst_t], dim=1)  # candidates in the reference's order
-            imp = _candidate_importance(imp, node_idx, merge, P)
-        t = t.index_select(1, (imp[0] > self.prune_threshold).nonzero().squeeze(1))
+            # Into t's own B rows (a strided view): merged sources add to their destination, the others add 0.
+            dst_t.scatter_add_(1, node_idx.unsqueeze(-1).expand_as(src_t), torch.where(merge.unsqueeze(-1), src_t, 0.0))
+            cand_imp = _candidate_importance(a.importance, node_idx, merge, P)  # reference order: prefix, A, B
+            # The kept candidates, in that order, gathered from t in one go.
+            kept = candidate_positions(N, P, x.device)[(cand_imp[0] > self.prune_threshold).nonzero().squeeze(1)]
+        t = t.index_select(1, kept)
         size = t[..., -1:]
         return t[..., :-1] / size, size, None
 
@@ -202,8 +207,8 @@ def _candidate_importance(imp: Tensor, node_idx: Tensor, merge: Tensor, P: int) 
     """Importance (B, N) of the merge's candidates in the reference's order (prefix, A, B): a merged A token gets
     -inf (never kept), a B token the max of its own and its merged sources' (eager only: scatter_reduce)."""
     src_imp, dst_imp = split_ab(imp, P)
-    dst_imp = dst_imp.scatter_reduce(1, node_idx, src_imp.masked_fill(~merge, -math.inf), "amax")
-    return torch.cat([imp[:, :P], src_imp.masked_fill(merge, -math.inf), dst_imp], dim=1)
+    dst_imp = dst_imp.scatter_reduce(1, node_idx, torch.where(merge, src_imp, -math.inf), "amax")
+    return torch.cat([imp[:, :P], torch.where(merge, -math.inf, src_imp), dst_imp], dim=1)
 
 
 class LTMP(Compressor):

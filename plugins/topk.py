@@ -46,17 +46,17 @@ class TopKBlock(TokenBlock):
         top = ascending(imp.topk(keep, dim=1).indices)  # spatial order kept
         gather = lambda t, i: t.gather(1, i[..., None].expand(i.shape + t.shape[2:]))  # noqa: E731
         kept_x = gather(x[:, P:], top)
-        kept_s = gather(size[:, P:], top)
-        parts_x, parts_s = [x[:, :P], kept_x], [size[:, :P], kept_s]
-        if self.fuse:
-            # A tensor source, not the scalar False: jit tracing (TorchScript export, fvcore) rejects a bool scalar.
-            dropped = torch.ones_like(imp, dtype=torch.bool).scatter(1, top, torch.zeros_like(top, dtype=torch.bool))
-            # A weighted *average* (EViT sums raw class attention), so the fused token keeps the feature scale;
-            # its size is the patches it stands for, which proportional attention then accounts for.
-            w = imp.masked_fill(~dropped, 0.0)[..., None]  # (B, N - P, 1)
-            parts_x.append((w * x[:, P:]).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-12))
-            parts_s.append((size[:, P:] * dropped[..., None]).sum(1, keepdim=True))
-        return torch.cat(parts_x, dim=1), torch.cat(parts_s, dim=1), mask
+        if not self.fuse:  # every size is 1 (`uniform_size`): the first P + keep of them are the kept tokens' sizes
+            return torch.cat([x[:, :P], kept_x], dim=1), size[:, :P + keep], mask
+        # A tensor source, not the scalar False: jit tracing (TorchScript export, fvcore) rejects a bool scalar.
+        dropped = torch.ones_like(imp, dtype=torch.bool).scatter(1, top, torch.zeros_like(top, dtype=torch.bool))
+        # A weighted *average* (EViT sums raw class attention), so the fused token keeps the feature scale; its size
+        # is the patches it stands for, which proportional attention then accounts for.
+        w = imp.masked_fill(~dropped, 0.0)[..., None]  # (B, N - P, 1)
+        fused_x = (w * x[:, P:]).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-12)
+        fused_s = (size[:, P:] * dropped[..., None]).sum(1, keepdim=True)
+        return (torch.cat([x[:, :P], kept_x, fused_x], dim=1),
+                torch.cat([size[:, :P], gather(size[:, P:], top), fused_s], dim=1), mask)
 
 
 class TopK(Compressor):
@@ -72,6 +72,8 @@ class TopK(Compressor):
         block.keep_rate = float(per_block(params.keep_rate, depth, "topk keep_rate")[index])
         block.importance_mode = params.importance
         block.fuse = params.fuse
+        if not params.fuse:  # nothing is merged, so every token stands for one patch in every block
+            block.uniform_size = True
 
     def calibration_knob(self, model: torch.nn.Module, params: dict[str, Any]) -> Knob:
         """One keep_rate for every block, 1 - s for s in [0, 0.999] (a block keeps at least one token)."""
