@@ -117,7 +117,7 @@ def attention_probs(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor], 
     if fast and (mask is None or mask.dtype == torch.bool):
         if bias is None:
             inp = q.new_zeros(1, 1, 1)
-        elif B == 1:  # broadcast over the heads as it is (a copy per head costs a kernel of its own)
+        elif B == 1:  # broadcast over the heads as it is (expanding it per head first costs a copy kernel)
             inp = bias.view(1, 1, N)
         else:
             inp = bias.expand(B, h, 1, N).reshape(B * h, 1, N)
