@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import ltmpctl  # noqa: E402
 from ltmpctl.bench.local import (bench_onnx_files, bench_pte_files, bench_torch_models, compare_rows,  # noqa: E402
                                  random_batch, set_threads)
+from ltmpctl.compressor import token_counts  # noqa: E402
 from ltmpctl.flops import batch_ratios  # noqa: E402
 
 from _methods import methods_at, short  # noqa: E402
@@ -98,8 +99,6 @@ class Bound(torch.nn.Module):
 
 def bound_of(base: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor) -> Bound | None:
     """`model`'s schedule on `x` as a `Bound`, when every image keeps the same token counts (None otherwise)."""
-    from ltmpctl.compressor import token_counts
-
     with torch.inference_mode():
         model(x)
     counts = token_counts(model)[..., 0]  # (B, depth): tokens into each block

@@ -7,6 +7,7 @@ Only rank 0 writes the run dir when launched with torchrun; fine-tune and evalua
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import random
 from dataclasses import dataclass, field
@@ -189,13 +190,10 @@ def _stages(ctx: Context, base: torch.nn.Module, mspec: models.ModelSpec, dspec:
     ctx.write(model=mspec.name, compressor=comp.name, target=recipe.target, seed=recipe.seed,
               data=dspec.path, input_size=list(data_config["input_size"]))
 
-    loaded: list[torch.Tensor] = []
-
+    @functools.cache
     def calibration_images() -> torch.Tensor:
         """The seeded train images calibration and re-fitting measure: decoded once, only if one of them runs."""
-        if not loaded:
-            loaded.append(train_images(dspec, data_config, st.calibrate.images, recipe.seed).to(ctx.device))
-        return loaded[0]
+        return train_images(dspec, data_config, st.calibrate.images, recipe.seed).to(ctx.device)
 
     if st.calibrate.enabled and "calibration" not in ctx.summary:
         hooks.stage("calibrate")

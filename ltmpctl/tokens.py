@@ -251,11 +251,12 @@ def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor]) -> tuple[Tens
     return node_max, node_idx
 
 
-def scatter_merge(dst: Tensor, node_idx: Tensor, src: Tensor) -> Tensor:
-    """dst[b, node_idx[b, i]] += src[b, i]; dst (B, NB, *), node_idx (B, NA), src (B, NA, *)."""
+def scatter_merge(dst: Tensor, node_idx: Tensor, src: Tensor, inplace: bool = False) -> Tensor:
+    """dst[b, node_idx[b, i]] += src[b, i]; dst (B, NB, *), node_idx (B, NA), src (B, NA, *). `inplace`: into dst
+    itself (e.g. a strided view of the sequence), else into a copy."""
     # scatter_add, not scatter_reduce: ExecuTorch's portable kernels (the mobile export) have only the former.
     idx = node_idx.reshape(node_idx.shape + (1,) * (src.dim() - 2)).expand(src.shape)
-    return dst.scatter_add(1, idx, src)
+    return dst.scatter_add_(1, idx, src) if inplace else dst.scatter_add(1, idx, src)
 
 
 def scatter_amax(dst: Tensor, node_idx: Tensor, src: Tensor) -> Tensor:

@@ -172,7 +172,7 @@ class LTMPBlock(TokenBlock):
             merge = node_max > self.merge_threshold  # (1, NA)
             src_t, dst_t = split_ab(t, P)
             # Into t's own B rows (a strided view): merged sources add to their destination, the others add 0.
-            dst_t.scatter_add_(1, node_idx.unsqueeze(-1).expand_as(src_t), torch.where(merge.unsqueeze(-1), src_t, 0.0))
+            scatter_merge(dst_t, node_idx, torch.where(merge.unsqueeze(-1), src_t, 0.0), inplace=True)
             cand_imp = _candidate_importance(a.importance, node_idx, merge, P)  # reference order: prefix, A, B
             # The kept candidates, in that order, gathered from t in one go.
             kept = candidate_positions(N, P, x.device)[(cand_imp[0] > self.prune_threshold).nonzero().squeeze(1)]
