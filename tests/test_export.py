@@ -192,6 +192,28 @@ def test_mobile_ltmp_drops_tokens_per_image(mobile_exports, images, example):
         assert (got - want).abs().max() <= 1e-4 and got.argmax() == want.argmax(), (i, counts[i])
 
 
+def test_mobile_ltmp_dense_layers_run_in_xnnpack(example):
+    """Past ltmp's first reduction the token count is data-dependent; XNNPACK must still take every matrix product
+    (on ExecuTorch's portable kernels the program ran 13x slower than the base)."""
+    pytest.importorskip("executorch", reason="pip install 'ltmpctl[mobile]'")
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    from ltmpctl.export import mobile
+
+    model = tiny("ltmp", **LTMP)
+    lowered = mobile.lower(model, example)
+    table = get_delegation_info(lowered.exported_program().graph_module).get_operator_delegation_dataframe()
+    ops = {row.op_type: (row.occurrences_in_delegated_graphs, row.occurrences_in_non_delegated_graphs)
+           for row in table.itertuples()}
+    assert ops["aten_linear_default"] == (2 * 4 + 1, 0)  # qkv, proj, fc1, fc2 per block, and the head
+    assert ops["aten_bmm_default"][1] == 0 and ops["aten__softmax_default"][1] == 0
+    # Sizes that may be 0 stay refused: the partitioner's own rule, kept outside the export.
+    from executorch.backends.xnnpack.partition.config import xnnpack_config
+    from torch.fx.experimental.symbolic_shapes import has_free_unbacked_symbols
+
+    assert xnnpack_config.has_free_unbacked_symbols is has_free_unbacked_symbols
+
+
 def test_mobile_program_takes_one_image(mobile_exports, images):
     from ltmpctl.export import mobile
 
