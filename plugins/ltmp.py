@@ -41,6 +41,7 @@ from ltmpctl.tokens import (
     split_ab,
     threshold_mask,
     unpack,
+    unpack_qkv,
 )
 
 Thresholds = Union[float, list[float]]
@@ -87,8 +88,9 @@ class LTMPBlock(TokenBlock):
             x, size = pack(x, mask), pack(size, mask)
         rows = real_rows(mask)  # (T,)
         h = self.norm1(x)
-        a = attention_core(self.attn, unpack(self.attn.qkv(h), mask, rows), unpack(size, mask, rows), mask,
-                           self.num_prefix, self.importance_mode, self.need_metric, self.size_bias)
+        qkv = unpack_qkv(self.attn.qkv(h), mask, self.attn.num_heads, rows)  # heads-major: no copies in attention
+        a = attention_core(self.attn, qkv, unpack(size, mask, rows), mask, self.num_prefix, self.importance_mode,
+                           self.need_metric, self.size_bias)
         x = x + self.drop_path1(self.ls1(attention_proj(self.attn, pack(a.out, mask, rows), h)))
         x, size, mask = self._reduce_packed(x, size, mask, a)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

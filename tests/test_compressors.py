@@ -53,7 +53,7 @@ def test_distilled_head_reads_class_and_dist_tokens(images):
     assert not torch.allclose(x[:, 1], x[:, 2])
 
 
-@pytest.mark.parametrize("variant", ["plain", "distilled", "registers"])
+@pytest.mark.parametrize("variant", ["plain", "distilled", "registers", "qk_norm"])
 def test_ltmp_batched_equals_batch1_with_different_counts(images, variant):
     """The packed batched form (prefix tokens of every kind in front) gives each image what batch 1 gives."""
     # Four register tokens take attention from the patches, so their importances are lower: lower prune thresholds.
