@@ -149,6 +149,25 @@ def test_cli_bench_model_with_compressor_saves_json(tmp_path, monkeypatch, capsy
     assert saved["rows"] == doc["rows"] and not list((tmp_path / "res").glob("*.tmp"))
 
 
+def test_cli_bench_model_in_exported_runtimes(monkeypatch, capsys) -> None:
+    """--backend onnxruntime / executorch: base and compressed exported (and verified) for that runtime, timed
+    interleaved there, the compressed row compared with its own runtime's base row."""
+    import json
+
+    pytest.importorskip("executorch", reason="pip install 'ltmpctl[mobile]'")
+    code, out, err = _cli(monkeypatch, capsys, "bench", "vit_tiny_patch16_224", *TINY_KWARGS, "--compressor", "tome",
+                          "--param", "r=4", "--backend", "onnxruntime", "--backend", "executorch", "--warmup", "0",
+                          "--repeats", "2", "--threads", "1", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [(r["model"], r["backend"], r["batch"]) for r in rows] == [
+        ("base", "onnxruntime", 1), ("tome", "onnxruntime", 1), ("base", "executorch", 1), ("tome", "executorch", 1)]
+    for base, comp in (rows[:2], rows[2:]):
+        assert comp["latency_ratio"] == pytest.approx(comp["p50_ms"] / base["p50_ms"], rel=1e-3)
+        assert 0.3 < comp["flops_ratio"] < 1.0 and comp["speedup"] > 0
+    assert "exporting tome for executorch" in err
+
+
 def test_cli_bench_onnx_file_table(tmp_path, monkeypatch, capsys) -> None:
     path = tmp_path / "tiny.onnx"
     _export(path, dynamic=True)
@@ -164,7 +183,8 @@ def test_cli_bench_onnx_file_table(tmp_path, monkeypatch, capsys) -> None:
     (["bench", "no_such_model_xyz"], "unknown model"),
     (["bench", "missing.onnx"], "not found"),
     (["bench", "vit_tiny_patch16_224", "--batch", "0"], "bad sizes"),
-    (["bench", "vit_tiny_patch16_224", "--backend", "onnxruntime"], "exported .onnx"),
+    (["bench", "vit_tiny_patch16_224", "--backend", "executorch", "--batch", "2"], "takes one image"),
+    (["bench", "vit_tiny_patch16_224", "--backend", "tflite"], "unknown --backend tflite"),
     (["bench", "vit_tiny_patch16_224", "--param", "r"], "key=value"),
     (["bench", "vit_tiny_patch16_224", "--adb", "pixel7"], "--adb runs exported files"),
 ])

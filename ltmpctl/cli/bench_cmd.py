@@ -8,7 +8,7 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.table import Table
@@ -20,7 +20,9 @@ from ._pairs import PairsCommand
 
 FILE_SUFFIXES = (".onnx", ".pte", ".pt")
 DEFAULT_INPUT = (3, 224, 224)
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "executorch")
+# The export each non-torch backend runs: what `ltmpctl export --format` writes for it.
+EXPORT_FORMATS = {"onnxruntime": "onnx", "executorch": "mobile"}
 
 
 @app.command("devices")
@@ -110,24 +112,67 @@ def _bench_pair(base: Any, compressed: Optional[Any], input_size: tuple[int, ...
 
     The two are timed interleaved on the same batch, so the speedup is measured under the same conditions.
     `images`: the batch source (a run's evaluation images); None times seeded random input, said in each row."""
-    from ..bench.local import bench_torch_models, compare_rows, random_batch
+    from ..bench.local import bench_torch_models
+
+    models = [base] if compressed is None else [base, compressed]
+
+    def timed(x: Any) -> list[dict[str, Any]]:
+        return bench_torch_models(models, input_size, x.shape[0], opts.warmup, opts.repeats, opts.device,
+                                  opts.threads, images=x)
+
+    return _pair_rows(timed, compressed, input_size, opts, flops_ratio, label, images)
+
+
+def _bench_exported_pair(backend: str, base: Any, compressed: Optional[Any], input_size: tuple[int, ...],
+                         opts: _Opts, flops_ratio: Optional[float], label: str,
+                         images: Optional[Any] = None) -> list[dict[str, Any]]:
+    """`_bench_pair` in another runtime: base (and compressed) exported for it (onnxruntime: ONNX; executorch: the
+    mobile `.pte`, XNNPACK on this CPU), each file verified against eager as `ltmpctl export` does, then timed
+    interleaved on the same batches. The files live only as long as the benchmark."""
+    from ..bench.local import bench_onnx_files, bench_pte_files
+    from ..export import FORMATS, MIN_IMAGES, export_model, probe_images
+
+    fmt = EXPORT_FORMATS[backend]
+    enough = images is not None and len(images) >= MIN_IMAGES
+    verify = images if enough else probe_images(input_size, MIN_IMAGES)
+    models = {"base": base} if compressed is None else {"base": base, label: compressed}
+    with tempfile.TemporaryDirectory(prefix="ltmpctl-bench-") as tmp:
+        files = []
+        for name, model in models.items():
+            _progress(f"exporting {name} for {backend} (verified on {len(verify)} images)")
+            export_model(model, fmt, Path(tmp) / name, verify[:2], verify)
+            files.append(Path(tmp) / name / FORMATS[fmt].filename)
+
+        def timed(x: Any) -> list[dict[str, Any]]:
+            if backend == "executorch":
+                return bench_pte_files(files, input_size, opts.warmup, opts.repeats, images=x)
+            providers = ["cuda", "cpu"] if opts.device.startswith("cuda") else ["cpu"]
+            return bench_onnx_files(files, input_size, x.shape[0], opts.warmup, opts.repeats, opts.threads,
+                                    providers, images=x)
+
+        return _pair_rows(timed, compressed, input_size, opts, flops_ratio, label, images)
+
+
+def _pair_rows(timed: Callable[[Any], list[dict[str, Any]]], compressed: Optional[Any],
+               input_size: tuple[int, ...], opts: _Opts, flops_ratio: Optional[float], label: str,
+               images: Optional[Any]) -> list[dict[str, Any]]:
+    """Rows of `timed(batch)` (base, then compressed) at each batch size, the compressed row compared with the base
+    row on the very batch that was timed (token counts can depend on the input). Executed: what that forward
+    computed (data-dependent compressors run attention's n x n products at the batch's widest image)."""
+    from ..bench.local import compare_rows, random_batch
     from ..flops import batch_ratios
 
     rows = []
-    models = [base] if compressed is None else [base, compressed]
     source = "random" if images is None else "run images"
     for batch in opts.batches:
         x = random_batch(input_size, batch) if images is None else images[:batch]
         _progress(f"base{'' if compressed is None else ' and ' + label}, batch {batch}, {source}")
-        timed_rows = bench_torch_models(models, input_size, batch, opts.warmup, opts.repeats, opts.device,
-                                        opts.threads, images=x)
+        timed_rows = timed(x)
         b = {"model": "base", "input": source, **timed_rows[0]}
         rows.append(b)
         if compressed is None:
             continue
         c = {"model": label, "input": source, **timed_rows[1]}
-        # On the very batch that was timed (token counts can depend on the input). Executed: what that forward
-        # computed (data-dependent compressors run attention's n x n products at the batch's widest image).
         mean, c["executed_flops_ratio"] = batch_ratios(compressed, x)
         rows.append(compare_rows(b, c, flops_ratio if flops_ratio is not None else mean))
     return rows
@@ -306,24 +351,30 @@ def _check_flags(batches: list[int], warmup: int, repeats: int, backends: list[s
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
         raise ConfigError(f"unknown --backend {', '.join(unknown)}", f"choose from {', '.join(BACKENDS)}")
+    if "executorch" in backends and set(batches) != {1}:
+        raise ConfigError("the ExecuTorch program takes one image", "use --batch 1 with --backend executorch")
 
 
 def _bench_model_target(kind: str, target: Any, backends: list[str], opts: _Opts, *, compressor: Optional[str],
                         params: dict[str, Any], kwargs: dict[str, Any], checkpoint: Optional[Path],
                         pretrained: bool, input_size: Optional[tuple[int, ...]]) -> tuple[list, dict[str, Any]]:
-    """Rows and saved-file header for a model name or a run directory (torch eager, base vs compressed)."""
-    if any(b != "torch" for b in backends):
-        raise ConfigError("onnxruntime benchmarks need an exported .onnx file",
-                          "export with `ltmpctl export`, then `ltmpctl bench FILE.onnx`")
+    """Rows and saved-file header for a model name or a run directory: base vs compressed in each backend (torch
+    eager; onnxruntime and executorch on files exported for the benchmark)."""
     if kind == "run":
         base, compressed, info = _load_run(target)
         size = input_size or tuple(info["input_size"])
         label, flops = "compressed", info.get("flops_ratio")
-        images = _run_images(info, max(opts.batches), size)
+        # Exports are verified on 32 images: the run's own, where there are that many.
+        images = _run_images(info, max(opts.batches + ([32] if set(backends) - {"torch"} else [])), size)
     else:
         base, compressed, size0 = _build_models(target, compressor, params, kwargs, checkpoint, pretrained)
         size, label, flops, images = input_size or size0, compressor or "compressed", None, None
-    rows = _bench_pair(base, compressed, size, opts, flops, label, images)
+    rows = []
+    for backend in dict.fromkeys(backends):
+        if backend == "torch":
+            rows += _bench_pair(base, compressed, size, opts, flops, label, images)
+        else:
+            rows += _bench_exported_pair(backend, base, compressed, size, opts, flops, label, images)
     return rows, {"input_size": list(size)}
 
 
@@ -368,8 +419,8 @@ def bench_cmd(
                                           f"{ADB_REPEATS} with --adb)", show_default=False),
     threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads (default: the runtime's)"),
     device: str = typer.Option("cpu", "--device", help="local device: cpu, cuda or cuda:N"),
-    backend: list[str] = typer.Option(["torch"], "--backend", help="torch (model names, run dirs, .pt) or "
-                                      "onnxruntime (.onnx files)"),
+    backend: list[str] = typer.Option(["torch"], "--backend", help="torch, onnxruntime or executorch (model names "
+                                      "and run dirs: exported for it, verified, then timed); repeatable"),
     compressor: Optional[str] = typer.Option(None, "--compressor", help="also bench a copy patched with it"),
     param: list[str] = typer.Option([], "--param", help="compressor parameter key=value; repeatable"),
     model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="timm.create_model key=value: several after "
