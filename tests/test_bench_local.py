@@ -168,6 +168,27 @@ def test_cli_bench_model_in_exported_runtimes(monkeypatch, capsys) -> None:
     assert "exporting tome for executorch" in err
 
 
+def test_cli_bench_pte_file_here(tiny_vit, tmp_path, monkeypatch, capsys) -> None:
+    """A .pte without --adb runs in ExecuTorch's runtime on this machine, one image at a time."""
+    import json
+
+    pytest.importorskip("executorch", reason="pip install 'ltmpctl[mobile]'")
+    from ltmpctl.export import export_model, probe_images
+
+    export_model(tiny_vit, "mobile", tmp_path, probe_images((3, 32, 32), 2), probe_images((3, 32, 32)))
+    pte = str(tmp_path / "model.pte")
+    code, out, err = _cli(monkeypatch, capsys, "bench", pte, "--warmup", "0", "--repeats", "3", "--json")
+    assert code == 0, err
+    (row,) = json.loads(out)["rows"]
+    assert row["model"] == "model.pte" and row["backend"] == "executorch" and row["batch"] == 1 and row["p50_ms"] > 0
+    code, out, err = _cli(monkeypatch, capsys, "bench", pte, "--batch", "2")
+    assert code == 2 and "takes one image" in err
+    broken = tmp_path / "broken.pte"
+    broken.write_bytes((tmp_path / "model.pte").read_bytes()[:4096])  # the header survives, the program doesn't
+    code, out, err = _cli(monkeypatch, capsys, "bench", str(broken), "--input-size", "3,32,32")
+    assert code == 3 and "broken.pte is not a readable pte file" in err and "Traceback" not in err
+
+
 def test_cli_bench_onnx_file_table(tmp_path, monkeypatch, capsys) -> None:
     path = tmp_path / "tiny.onnx"
     _export(path, dynamic=True)

@@ -219,8 +219,16 @@ def _load_run(run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
     return load_run(run_dir)
 
 
-def _onnx_input_size(path: Path) -> tuple[int, ...]:
-    """(C, H, W) from the ONNX file's first input when its sizes are fixed, else the ImageNet default."""
+def _file_input_size(path: Path) -> tuple[int, ...]:
+    """(C, H, W) from the file's first input where it says (an ONNX file with fixed sizes; an ExecuTorch program,
+    where ExecuTorch is installed here), else the ImageNet default."""
+    suffix = path.suffix.lower()
+    if suffix == ".pte":
+        from ..export.mobile import input_size
+
+        return input_size(path) or DEFAULT_INPUT
+    if suffix != ".onnx":
+        return DEFAULT_INPUT
     import onnx
 
     dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
@@ -229,12 +237,14 @@ def _onnx_input_size(path: Path) -> tuple[int, ...]:
 
 
 def _bench_file_local(path: Path, input_size: tuple[int, ...], opts: _Opts) -> list[dict[str, Any]]:
-    from ..bench.local import bench_onnx, bench_torch
+    from ..bench.local import bench_onnx, bench_pte_files, bench_torch
 
     suffix = path.suffix.lower()
-    if suffix == ".pte":
-        raise ConfigError(f"{path.name} is an ExecuTorch program; it runs on a device",
-                          "pass --adb DEVICE --runner path/to/executor_runner")
+    if suffix == ".pte":  # ExecuTorch's runtime on this CPU (XNNPACK and the portable kernels, as on a phone)
+        if set(opts.batches) != {1}:
+            raise ConfigError("the ExecuTorch program takes one image", "use --batch 1 for a .pte")
+        _progress(f"{path.name}, batch 1, in ExecuTorch's runtime on this machine")
+        return [{"model": path.name, **bench_pte_files([path], input_size, opts.warmup, opts.repeats)[0]}]
     rows = []
     for batch in opts.batches:
         _progress(f"{path.name}, batch {batch}")
@@ -455,7 +465,7 @@ def bench_cmd(
     rows: list[dict[str, Any]] = []
     header: dict[str, Any] = {"target": str(obj)}
     if kind == "file":
-        size = size or (_onnx_input_size(obj) if obj.suffix.lower() == ".onnx" else DEFAULT_INPUT)
+        size = size or _file_input_size(obj)
         header["input_size"] = list(size)
         if on_host:
             rows += _bench_file_local(obj, size, here)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -99,7 +99,20 @@ def _may_be_empty(t: Any) -> bool:
     return False
 
 
+def input_size(path: Path) -> Optional[tuple[int, ...]]:
+    """(C, H, W) of the program's image input, or None where ExecuTorch is missing or can't read the program (a
+    phone's runner then judges it)."""
+    try:
+        from executorch.runtime import Runtime
+
+        sizes = list(Runtime.get().load_program(Path(path)).metadata("forward").input_tensor_meta(0).sizes())
+    except Exception:  # ImportError, or the runtime's own error on a program it can't load
+        return None
+    return tuple(sizes[1:]) if len(sizes) == 4 else None
+
+
 def load(path: Path) -> Runner:
+    _require_executorch()
     from executorch.runtime import Runtime
 
     method = Runtime.get().load_program(Path(path)).load_method("forward")
