@@ -370,12 +370,15 @@ def _bench_model_target(kind: str, target: Any, backends: list[str], opts: _Opts
                         pretrained: bool, input_size: Optional[tuple[int, ...]]) -> tuple[list, dict[str, Any]]:
     """Rows and saved-file header for a model name or a run directory: base vs compressed in each backend (torch
     eager; onnxruntime and executorch on files exported for the benchmark)."""
+    from ..export import MIN_IMAGES
+
     if kind == "run":
         base, compressed, info = _load_run(target)
         size = input_size or tuple(info["input_size"])
         label, flops = "compressed", info.get("flops_ratio")
-        # Exports are verified on 32 images: the run's own, where there are that many.
-        images = _run_images(info, max(opts.batches + ([32] if set(backends) - {"torch"} else [])), size)
+        # Exports are verified on MIN_IMAGES images: the run's own, where there are that many.
+        verified = [MIN_IMAGES] if set(backends) - {"torch"} else []
+        images = _run_images(info, max(opts.batches + verified), size)
     else:
         base, compressed, size0 = _build_models(target, compressor, params, kwargs, checkpoint, pretrained)
         size, label, flops, images = input_size or size0, compressor or "compressed", None, None
