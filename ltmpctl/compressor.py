@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from .errors import ConfigError, ModelError
-from .tokens import AttentionOut, attention, eager, unpack
+from .tokens import AttentionOut, attention, eager, serial, unpack
 
 
 class Params(BaseModel):
@@ -55,7 +55,8 @@ class TokenBlock(Block):
         a = attention(self.attn, self.norm1(x), size, mask, self.num_prefix,
                       self.importance_mode, self.need_metric, self.size_bias)
         x = x + self.drop_path1(self.ls1(a.out))
-        x, size, mask = self.reduce(x, size, mask, a)
+        with serial(x):
+            x, size, mask = self.reduce(x, size, mask, a)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, size, mask
 

@@ -13,7 +13,8 @@ Masks come in two kinds:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,35 @@ def eager() -> bool:
     return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
+# Token tensors up to this many elements (B x N x C) are reduced on one thread; see `serial`.
+SERIAL_ELEMENTS = 1 << 16
+
+
+@contextmanager
+def serial(x: Tensor) -> Iterator[None]:
+    """Run the block's own small ops on one thread when its tokens `x` are few (eager only; a no-op elsewhere).
+
+    The compressors' work between timm's layers (attention products of a few hundred tokens, matching, merging,
+    compaction) is too small to gain from a second thread, and with OpenMP's passive waiting every kernel that goes
+    parallel pays for waking it: on the 2-core test machine at deit_tiny's sizes, the (98 x 64) @ (64 x 98) matching
+    product takes 155 us with two threads and 22 us with one, a softmax over (3, 50, 50) 77 vs 14 us. Switching costs
+    well under a microsecond. The values are bitwise those of the threaded run on deit_tiny, the demo and the test
+    models (products and softmax rows are computed whole by one thread either way). timm's own layers (qkv, proj,
+    MLP, norms) keep the caller's thread count. The count is process-wide: another Python thread running torch ops
+    meanwhile would run them on one thread too.
+    """
+    # eager() first: under export the sizes are symbolic, and comparing them would add a guard on the batch.
+    n = torch.get_num_threads() if eager() else 1
+    if n == 1 or x.numel() > SERIAL_ELEMENTS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def attention(
     attn: torch.nn.Module,
     x: Tensor,
@@ -53,7 +83,9 @@ def attention(
     softmax changes (a `log(size)` bias on keys and the mask), so with size 1 and no mask it is timm's attention.
     `importance`: None (not needed), "mean" (attention received from all queries) or "cls" (from the class token).
     """
-    core = attention_core(attn, attn.qkv(x), size, mask, num_prefix, importance, need_metric, prop_attn)
+    qkv = attn.qkv(x)
+    with serial(x):
+        core = attention_core(attn, qkv, size, mask, num_prefix, importance, need_metric, prop_attn)
     return core._replace(out=attention_proj(attn, core.out, x))
 
 

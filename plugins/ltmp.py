@@ -38,6 +38,7 @@ from ltmpctl.tokens import (
     real_rows,
     scatter_amax,
     scatter_merge,
+    serial,
     split_ab,
     threshold_mask,
     unpack,
@@ -89,10 +90,13 @@ class LTMPBlock(TokenBlock):
         rows = real_rows(mask)  # (T,)
         h = self.norm1(x)
         qkv = unpack_qkv(self.attn.qkv(h), mask, self.attn.num_heads, rows)  # heads-major: no copies in attention
-        a = attention_core(self.attn, qkv, unpack(size, mask, rows), mask, self.num_prefix, self.importance_mode,
-                           self.need_metric, self.size_bias)
-        x = x + self.drop_path1(self.ls1(attention_proj(self.attn, pack(a.out, mask, rows), h)))
-        x, size, mask = self._reduce_packed(x, size, mask, a)
+        with serial(h):
+            a = attention_core(self.attn, qkv, unpack(size, mask, rows), mask, self.num_prefix, self.importance_mode,
+                               self.need_metric, self.size_bias)
+            out = pack(a.out, mask, rows)
+        x = x + self.drop_path1(self.ls1(attention_proj(self.attn, out, h)))
+        with serial(x):
+            x, size, mask = self._reduce_packed(x, size, mask, a)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, size, mask
 

@@ -68,6 +68,45 @@ def test_ltmp_batched_equals_batch1_with_different_counts(images, variant):
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
 
 
+def test_serial_scope_is_one_thread_only_for_small_eager_tokens():
+    from ltmpctl.tokens import SERIAL_ELEMENTS, serial
+
+    threads = torch.get_num_threads()
+    if threads == 1:
+        pytest.skip("needs more than one intra-op thread")
+    small, large = torch.zeros(1, 8, 8), torch.zeros(SERIAL_ELEMENTS + 1)
+    seen = []
+    for x in (small, large):
+        with serial(x):
+            seen.append(torch.get_num_threads())
+    assert seen == [1, threads] and torch.get_num_threads() == threads
+    with pytest.raises(RuntimeError), serial(small):  # restored on the way out of an error too
+        raise RuntimeError
+    assert torch.get_num_threads() == threads
+
+    def traced(t):
+        with serial(t):
+            seen.append(torch.get_num_threads())
+        return t + 1
+
+    torch.jit.trace(traced, small, check_trace=False)  # not eager (exports, fvcore): the caller's threads
+    assert seen[-1] == threads
+
+
+@pytest.mark.parametrize("name,params", [("ltmp", dict(merge_threshold=0.5, prune_threshold=0.02)),
+                                         ("tome", dict(r=8)), ("topk", dict(keep_rate=0.6))])
+def test_serial_scope_changes_no_value(name, params, images, monkeypatch):
+    """Batch 1 and batched forwards give bitwise the same logits with the one-thread scope on and off."""
+    import ltmpctl.tokens as tokens
+
+    model = ltmpctl.apply(tiny_vit(), name, **params)
+    with torch.no_grad():
+        on = [model(images[:1]), model(images)]
+        monkeypatch.setattr(tokens, "SERIAL_ELEMENTS", -1)
+        off = [model(images[:1]), model(images)]
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
+
+
 @pytest.mark.parametrize("prune", [0.01, 0.02])
 def test_ltmp_eval_really_removes_tokens(images, prune):
     model = ltmpctl.apply(tiny_vit(), "ltmp", merge_threshold=0.4, prune_threshold=prune)

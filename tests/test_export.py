@@ -307,7 +307,9 @@ def test_cli_table_and_errors(cli, tmp_path):
     cells = row.split()
     size = (tmp_path / "x" / "model.pt").stat().st_size / 1e6
     assert cells[:2] == ["torchscript", "model.pt"] and float(cells[2]) == pytest.approx(size, abs=0.006)
-    assert cells[3:] == ["-", "0.0e+00", "32/32", "7-7", "pass"]
+    # The traced graph runs in TorchScript's interpreter, which may round differently from eager (3.7e-08 on an AMD
+    # EPYC host, exactly 0 on Xeon): the table shows the measured difference, well inside the verify tolerance.
+    assert cells[3] == "-" and float(cells[4]) <= 1e-6 and cells[5:] == ["32/32", "7-7", "pass"]
     assert (tmp_path / "x" / "model.pt").is_file()
     mobile = cli(tmp_path, "--format", "mobile")
     assert isinstance(mobile.exception, ExportError) and "ltmpctl[mobile]" in str(mobile.exception)
