@@ -385,7 +385,9 @@ def pack(t: Tensor, mask: Tensor, rows: Optional[Tensor] = None) -> Tensor:
     padded mask: the per-token layers (norms, qkv, proj, MLP) then cost the sum of the images' own token counts.
     `rows`: `real_rows(mask)`, when the caller has it already.
     """
-    return t.reshape((-1,) + t.shape[2:]).index_select(0, real_rows(mask) if rows is None else rows)
+    flat = t.reshape((-1,) + t.shape[2:])
+    rows = real_rows(mask) if rows is None else rows
+    return flat if rows.shape[0] == flat.shape[0] else flat.index_select(0, rows)  # nothing padded: the view
 
 
 def unpack_qkv(qkv: Tensor, mask: Tensor, num_heads: int, rows: Optional[Tensor] = None) -> Tensor:
@@ -397,13 +399,18 @@ def unpack_qkv(qkv: Tensor, mask: Tensor, num_heads: int, rows: Optional[Tensor]
     B, N = mask.shape
     T, width = qkv.shape
     hd = width // (3 * num_heads)
-    out = qkv.new_zeros(3 * num_heads, B * N, hd)
-    out.index_copy_(1, real_rows(mask) if rows is None else rows, qkv.view(T, 3 * num_heads, hd).transpose(0, 1))
+    heads = qkv.view(T, 3 * num_heads, hd).transpose(0, 1)
+    if T == B * N:  # nothing padded (e.g. the first block): the heads-major copy alone
+        out = heads.contiguous()
+    else:
+        out = qkv.new_zeros(3 * num_heads, B * N, hd).index_copy_(1, real_rows(mask) if rows is None else rows, heads)
     return out.view(3, num_heads, B, N, hd).permute(2, 3, 0, 1, 4)
 
 
 def unpack(t: Tensor, mask: Tensor, rows: Optional[Tensor] = None) -> Tensor:
     """(T, *) -> (B, N, *): packed tokens back in the padded layout of `mask`, zeros in the padding."""
     B, N = mask.shape
+    if t.shape[0] == B * N:  # nothing padded
+        return t.view((B, N) + t.shape[1:])
     out = t.new_zeros((B * N,) + t.shape[1:])
     return out.index_copy_(0, real_rows(mask) if rows is None else rows, t).view((B, N) + t.shape[1:])
