@@ -1,0 +1,87 @@
+"""What `ltmpctl.tokens.serial` buys: every compressor at about half the FLOPs, its block-local small ops on one
+thread (ltmpctl's default) against the same model with the scope switched off, interleaved with the uncompressed
+model, in torch eager at each batch size; deit_tiny 224 (random weights and images) and the demo (its own images).
+
+    OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/serial_scope.py --threads 2 --repeats 30
+
+Both forms must give bitwise the same logits (the script stops otherwise): the scope only changes how many threads
+run the kernels, not which kernels run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenMP (shared/SETUP.md)
+
+import torch  # noqa: E402
+
+import ltmpctl  # noqa: E402
+import ltmpctl.tokens as tokens  # noqa: E402
+from ltmpctl.bench.local import set_threads  # noqa: E402
+
+from _methods import methods_at  # noqa: E402
+from latency_vs_flops import MODELS  # noqa: E402
+
+DEFAULT = tokens.SERIAL_ELEMENTS
+
+def timed(model: torch.nn.Module, x: torch.Tensor, serial: bool) -> float:
+    tokens.SERIAL_ELEMENTS = DEFAULT if serial else -1  # -1: no tensor is small enough, the scope never applies
+    t = time.perf_counter()
+    model(x)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--batches", type=int, nargs="+", default=[1])
+    args = p.parse_args()
+    set_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY')}, serial scope up to {DEFAULT} values, median of {args.repeats}")
+    print(f"{'model':<10} {'batch':>5} {'method':<6} {'base ms':>8} {'off ms':>8} {'on ms':>8} {'ratio off':>9} "
+          f"{'ratio on':>8}")
+    for key in args.models:
+        _, base, images = MODELS[key]()
+        methods = methods_at(base, 0.5, images(64, 1))
+        models = {name: ltmpctl.apply(copy.deepcopy(base), name, **params) for name, params, _ in methods}
+        for batch in args.batches:
+            x = images(batch, 0)
+            with torch.inference_mode():
+                for name, m in models.items():
+                    tokens.SERIAL_ELEMENTS = -1
+                    off = m(x)
+                    tokens.SERIAL_ELEMENTS = DEFAULT
+                    on = m(x)
+                    if not torch.equal(off, on):
+                        raise SystemExit(f"{key} {name}: logits differ with the serial scope on and off")
+                times: dict[tuple[str, bool], list[float]] = {}
+                for _ in range(2):  # warm-up
+                    base(x)
+                    for m in models.values():
+                        timed(m, x, False)
+                        timed(m, x, True)
+                base_t: list[float] = []
+                for _ in range(args.repeats):
+                    t = time.perf_counter()
+                    base(x)
+                    base_t.append(time.perf_counter() - t)
+                    for name, m in models.items():
+                        for serial in (False, True):
+                            times.setdefault((name, serial), []).append(timed(m, x, serial))
+            tokens.SERIAL_ELEMENTS = DEFAULT
+            b = statistics.median(base_t)
+            for name in models:
+                off, on = (statistics.median(times[(name, s)]) for s in (False, True))
+                print(f"{key:<10} {batch:>5} {name:<6} {b * 1e3:>8.2f} {off * 1e3:>8.2f} {on * 1e3:>8.2f} "
+                      f"{off / b:>9.3f} {on / b:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
