@@ -3,6 +3,7 @@ thread (ltmpctl's default) against the same model with the scope switched off, i
 model, in torch eager at each batch size; deit_tiny 224 (random weights and images) and the demo (its own images).
 
     OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/serial_scope.py --threads 2 --repeats 30
+    OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/serial_scope.py --threads 2 --kernels   # single kernels
 
 Both forms must give bitwise the same logits (the script stops otherwise): the scope only changes how many threads
 run the kernels, not which kernels run.
@@ -14,6 +15,7 @@ import copy
 import os
 import statistics
 import time
+from typing import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenMP (shared/SETUP.md)
 
@@ -35,14 +37,50 @@ def timed(model: torch.nn.Module, x: torch.Tensor, serial: bool) -> float:
     return time.perf_counter() - t
 
 
+def kernels(repeats: int) -> None:
+    """Single kernels at deit_tiny's batch-1 sizes, on the caller's threads vs inside the scope (microseconds)."""
+    def median_us(f: Callable[[], object], scoped: bool) -> float:
+        x = torch.zeros(1, 1, 1)  # small: the scope applies
+        runs = []
+        for i in range(repeats + 20):  # 20 warm-up calls
+            t = time.perf_counter()
+            if scoped:
+                with tokens.serial(x):
+                    f()
+            else:
+                f()
+            if i >= 20:
+                runs.append(time.perf_counter() - t)
+        return statistics.median(runs) * 1e6
+
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for n in (50, 100, 197):
+        a, b = torch.randn(1, n // 2, 64, generator=g), torch.randn(1, 64, n // 2, generator=g)
+        q, k = torch.randn(3, n, 64, generator=g), torch.randn(3, n, 64, generator=g)
+        p = torch.randn(3, n, n, generator=g).softmax(-1)
+        cases += [(f"matching product ({n // 2}x64)@(64x{n // 2})", lambda a=a, b=b: torch.bmm(a, b)),
+                  (f"q @ k^T, 3 heads x {n} tokens", lambda q=q, k=k: torch.bmm(q, k.transpose(1, 2))),
+                  (f"softmax (3, {n}, {n})", lambda p=p: p.softmax(-1)),
+                  (f"P @ V, 3 heads x {n} tokens", lambda p=p, k=k: torch.bmm(p, k))]
+    print(f"{'kernel':<40} {'threads us':>10} {'scope us':>9}")
+    with torch.inference_mode():
+        for name, f in cases:
+            print(f"{name:<40} {median_us(f, False):>10.1f} {median_us(f, True):>9.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--batches", type=int, nargs="+", default=[1])
+    p.add_argument("--kernels", action="store_true", help="time single kernels instead of whole models")
     args = p.parse_args()
     set_threads(args.threads)
+    if args.kernels:
+        kernels(max(args.repeats, 300))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY')}, serial scope up to {DEFAULT} values, median of {args.repeats}")
     print(f"{'model':<10} {'batch':>5} {'method':<6} {'base ms':>8} {'off ms':>8} {'on ms':>8} {'ratio off':>9} "

@@ -48,9 +48,10 @@ def serial(x: Tensor) -> Iterator[None]:
 
     The compressors' work between timm's layers (attention products of a few hundred tokens, matching, merging,
     compaction) is too small to gain from a second thread, and with OpenMP's passive waiting every kernel that goes
-    parallel pays for waking it: on the 2-core test machine at deit_tiny's sizes, the (98 x 64) @ (64 x 98) matching
-    product takes 155 us with two threads and 22 us with one, a softmax over (3, 50, 50) 77 vs 14 us. Switching costs
-    well under a microsecond. The values are bitwise those of the threaded run on deit_tiny, the demo and the test
+    parallel pays for waking it: on a 2-core machine at deit_tiny's sizes (`benchmarks/serial_scope.py --kernels`), the
+    (98 x 64) @ (64 x 98) matching product takes 116 us on two threads and 27 us on one, a softmax over (3, 100, 100)
+    74 vs 31 us; only q @ k^T over all 197 tokens is slower on one (256 vs 205 us), and whole blocks still gain.
+    Switching costs well under a microsecond. The values are bitwise those of the threaded run on deit_tiny, the demo and the test
     models (products and softmax rows are computed whole by one thread either way). timm's own layers (qkv, proj,
     MLP, norms) keep the caller's thread count. The count is process-wide: another Python thread running torch ops
     meanwhile would run them on one thread too.
