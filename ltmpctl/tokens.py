@@ -51,10 +51,10 @@ def serial(x: Tensor) -> Iterator[None]:
     parallel pays for waking it: on a 2-core machine at deit_tiny's sizes (`benchmarks/serial_scope.py --kernels`), the
     (98 x 64) @ (64 x 98) matching product takes 116 us on two threads and 27 us on one, a softmax over (3, 100, 100)
     74 vs 31 us; only q @ k^T over all 197 tokens is slower on one (256 vs 205 us), and whole blocks still gain.
-    Switching costs well under a microsecond. The values are bitwise those of the threaded run on deit_tiny, the demo and the test
-    models (products and softmax rows are computed whole by one thread either way). timm's own layers (qkv, proj,
-    MLP, norms) keep the caller's thread count. The count is process-wide: another Python thread running torch ops
-    meanwhile would run them on one thread too.
+    Switching costs well under a microsecond. The values are bitwise those of the threaded run on deit_tiny, the demo
+    and the test models (products and softmax rows are computed whole by one thread either way). timm's own layers
+    (qkv, proj, MLP, norms) keep the caller's thread count. The count is process-wide: another Python thread running
+    torch ops meanwhile would run them on one thread too.
     """
     # eager() first: under export the sizes are symbolic, and comparing them would add a guard on the batch.
     n = torch.get_num_threads() if eager() else 1
