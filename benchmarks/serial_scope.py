@@ -23,18 +23,27 @@ import torch  # noqa: E402
 
 import ltmpctl  # noqa: E402
 import ltmpctl.tokens as tokens  # noqa: E402
-from ltmpctl.bench.local import set_threads  # noqa: E402
+from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 
 from _methods import methods_at  # noqa: E402
 from latency_vs_flops import MODELS  # noqa: E402
 
 DEFAULT = tokens.SERIAL_ELEMENTS
 
-def timed(model: torch.nn.Module, x: torch.Tensor, serial: bool) -> float:
-    tokens.SERIAL_ELEMENTS = DEFAULT if serial else -1  # -1: no tensor is small enough, the scope never applies
-    t = time.perf_counter()
-    model(x)
-    return time.perf_counter() - t
+
+class Scoped(torch.nn.Module):
+    """`model` with the serial scope on (ltmpctl's default) or off (-1: no tensor is small enough for it)."""
+
+    def __init__(self, model: torch.nn.Module, on: bool) -> None:
+        super().__init__()
+        self.model, self.limit = model, DEFAULT if on else -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens.SERIAL_ELEMENTS = self.limit
+        try:
+            return self.model(x)
+        finally:
+            tokens.SERIAL_ELEMENTS = DEFAULT
 
 
 def kernels(repeats: int) -> None:
@@ -91,34 +100,18 @@ def main() -> None:
         models = {name: ltmpctl.apply(copy.deepcopy(base), name, **params) for name, params, _ in methods}
         for batch in args.batches:
             x = images(batch, 0)
+            pairs = {name: (Scoped(m, False), Scoped(m, True)) for name, m in models.items()}
             with torch.inference_mode():
-                for name, m in models.items():
-                    tokens.SERIAL_ELEMENTS = -1
-                    off = m(x)
-                    tokens.SERIAL_ELEMENTS = DEFAULT
-                    on = m(x)
-                    if not torch.equal(off, on):
+                for name, (off, on) in pairs.items():
+                    if not torch.equal(off(x), on(x)):
                         raise SystemExit(f"{key} {name}: logits differ with the serial scope on and off")
-                times: dict[tuple[str, bool], list[float]] = {}
-                for _ in range(2):  # warm-up
-                    base(x)
-                    for m in models.values():
-                        timed(m, x, False)
-                        timed(m, x, True)
-                base_t: list[float] = []
-                for _ in range(args.repeats):
-                    t = time.perf_counter()
-                    base(x)
-                    base_t.append(time.perf_counter() - t)
-                    for name, m in models.items():
-                        for serial in (False, True):
-                            times.setdefault((name, serial), []).append(timed(m, x, serial))
-            tokens.SERIAL_ELEMENTS = DEFAULT
-            b = statistics.median(base_t)
-            for name in models:
-                off, on = (statistics.median(times[(name, s)]) for s in (False, True))
-                print(f"{key:<10} {batch:>5} {name:<6} {b * 1e3:>8.2f} {off * 1e3:>8.2f} {on * 1e3:>8.2f} "
-                      f"{off / b:>9.3f} {on / b:>8.3f}")
+            timed = [base] + [m for pair in pairs.values() for m in pair]
+            rows = bench_torch_models(timed, tuple(x.shape[1:]), batch, 2, args.repeats, threads=args.threads,
+                                      images=x)
+            b = rows[0]["p50_ms"]
+            for i, name in enumerate(pairs):
+                off, on = rows[1 + 2 * i]["p50_ms"], rows[2 + 2 * i]["p50_ms"]
+                print(f"{key:<10} {batch:>5} {name:<6} {b:>8.2f} {off:>8.2f} {on:>8.2f} {off / b:>9.3f} {on / b:>8.3f}")
 
 
 if __name__ == "__main__":
