@@ -83,11 +83,11 @@ class LTMPBlock(TokenBlock):
         and the merging cost the sum of the images' own counts. Only attention's N x N products and the matching
         run padded (B, N, *), the padding masked out. Hands on packed tokens; the model unpacks after the last block.
         """
-        if x.dim() == 3:  # the first block: tokens arrive padded (or, before any reduction, all real)
-            if mask is None:
-                mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            x, size = pack(x, mask), pack(size, mask)
+        if x.dim() == 3 and mask is None:  # the first block, before any reduction: every token is real
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         rows = real_rows(mask)  # (T,)
+        if x.dim() == 3:  # the first block: tokens arrive padded (or all real, and packing them is a view)
+            x, size = pack(x, mask, rows), pack(size, mask, rows)
         h = self.norm1(x)
         qkv = unpack_qkv(self.attn.qkv(h), mask, self.attn.num_heads, rows)  # heads-major: no copies in attention
         with serial(h):
