@@ -92,24 +92,24 @@ def train_images(spec: DataSpec, data_config: dict, n: int, seed: int) -> torch.
 def _evaluate_both(ctx: Context, base: torch.nn.Module, compressed: torch.nn.Module, spec: DataSpec,
                    data_config: dict, hooks: Hooks) -> None:
     cfg = ctx.recipe.stages.evaluate
-    results = {}
-    for label, model in (("base", base), ("compressed", compressed)):
-        loader, info = build_loader(spec, "val", data_config, train=False, batch_size=cfg.batch_size,
-                                    limit=cfg.images, seed=ctx.recipe.seed)
-        if ctx.world > 1:
-            loader = _shard(loader, ctx.rank, ctx.world)
-        total, done = info.num_images, 0
+    loader, info = build_loader(spec, "val", data_config, train=False, batch_size=cfg.batch_size,
+                                limit=cfg.images, seed=ctx.recipe.seed)
+    if ctx.world > 1:
+        loader = _shard(loader, ctx.rank, ctx.world)
+    total, done = info.num_images, 0
 
-        def tick(k: int, label: str = label, total: int = total) -> None:
-            nonlocal done
-            done += k
-            hooks.progress(f"evaluate {label}", done, total, {})
+    def tick(k: int) -> None:
+        nonlocal done
+        done += k
+        hooks.progress("evaluate base and compressed", done, total, {})
 
-        results[label] = evaluate(model, loader, ctx.device, tick)
-        results[label]["skipped_images"] = len(info.skipped)
-        if info.skipped:
-            hooks.log(f"{len(info.skipped)} unreadable images skipped (e.g. {info.skipped[0][0]}: "
-                      f"{info.skipped[0][1]})")
+    # One pass over the images, each batch through both models: their img/s are timed side by side.
+    results = evaluate({"base": base, "compressed": compressed}, loader, ctx.device, tick)
+    for r in results.values():
+        r["skipped_images"] = len(info.skipped)
+    if info.skipped:
+        hooks.log(f"{len(info.skipped)} unreadable images skipped (e.g. {info.skipped[0][0]}: "
+                  f"{info.skipped[0][1]})")
     if ctx.world > 1:
         results = _gather_eval(results)
     base_r, comp_r = results["base"], results["compressed"]
