@@ -13,7 +13,6 @@ Takes about a minute of compilation per model and shape on 2 cores.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import time
@@ -29,7 +28,7 @@ import ltmpctl  # noqa: E402
 from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 
 from _methods import methods_at  # noqa: E402
-from latency_vs_flops import MODELS  # noqa: E402
+from latency_vs_flops import MODELS, model_args  # noqa: E402
 
 
 def _seconds(f, x: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -39,12 +38,8 @@ def _seconds(f, x: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--batches", type=int, nargs="+", default=[32])
-    p.add_argument("--target", type=float, default=0.5)
+    p = model_args(__doc__, 10, [32])
+    p.add_argument("--target", type=float, default=0.5, help="FLOPs ratio every compressor is calibrated to")
     args = p.parse_args()
     set_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="

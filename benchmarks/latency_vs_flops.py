@@ -59,13 +59,20 @@ def demo() -> tuple[str, torch.nn.Module, Callable[[int, int], torch.Tensor]]:
 MODELS = {"deit_tiny": deit_tiny, "demo": demo}
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_args(doc: str, repeats: int, batches: list[int]) -> argparse.ArgumentParser:
+    """The options every benchmark over `MODELS` shares (--models, --threads, --repeats, --batches), on a parser
+    described by the first line of `doc`."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--threads", type=int, default=None, help="torch/onnxruntime intra-op threads (default: torch's)")
-    p.add_argument("--repeats", type=int, default=10, help="timed forwards per row")
+    p.add_argument("--repeats", type=int, default=repeats, help="timed forwards per row")
+    p.add_argument("--batches", type=int, nargs="+", default=batches, help="batch sizes")
+    return p
+
+
+def parse_args() -> argparse.Namespace:
+    p = model_args(__doc__, 10, [1, 32])
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards per row")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
     p.add_argument("--target", type=float, default=0.5, help="FLOPs ratio every compressor is calibrated to")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the onnxruntime rows")
     p.add_argument("--executorch", action="store_true",

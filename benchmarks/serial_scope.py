@@ -10,7 +10,6 @@ run the kernels, not which kernels run.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
@@ -26,7 +25,7 @@ import ltmpctl.tokens as tokens  # noqa: E402
 from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 
 from _methods import methods_at  # noqa: E402
-from latency_vs_flops import MODELS  # noqa: E402
+from latency_vs_flops import MODELS, model_args  # noqa: E402
 
 DEFAULT = tokens.SERIAL_ELEMENTS
 
@@ -79,11 +78,7 @@ def kernels(repeats: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--batches", type=int, nargs="+", default=[1])
+    p = model_args(__doc__, 30, [1])
     p.add_argument("--kernels", action="store_true", help="time single kernels instead of whole models")
     args = p.parse_args()
     set_threads(args.threads)
