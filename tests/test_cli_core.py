@@ -131,3 +131,20 @@ def test_flops_on_a_run_dir_reads_its_data_and_writes_flops_json(monkeypatch, tm
     assert doc["ok"]
     refused = runner.invoke(app, ["flops", str(run), "--compressor", "tome"])
     assert refused.exit_code != 0
+
+
+def test_summary_table_shows_the_speedup_over_the_base():
+    from rich.console import Console
+
+    from ltmpctl.cli.compress_cmd import render_summary
+
+    row = {"top1": 80.0, "top5": 95.0, "gmacs": 1.0, "flops_ratio": 1.0, "images_per_s": 100.0}
+    summary = {"model": "m", "compressor": "ltmp", "target": 0.5, "base": row,
+               "compressed": dict(row, gmacs=0.5, flops_ratio=0.5, images_per_s=250.0)}
+    console = Console(record=True, width=120)
+    console.print(render_summary(summary))
+    lines = console.export_text().splitlines()
+    assert "speedup" in lines[2]
+    assert [line.split()[-2] for line in lines if "base" in line or "compressed" in line] == ["1.00x", "2.50x"]
+    console.print(render_summary(dict(summary, base=None)))  # no base evaluated: nothing to compare with
+    assert [line for line in console.export_text().splitlines() if "compressed" in line][0].split()[-2] == "-"

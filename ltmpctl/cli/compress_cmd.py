@@ -70,15 +70,18 @@ class _Progress:
 def render_summary(s: dict[str, Any]) -> Table:
     t = Table(title=f"{s.get('model')} with {s.get('compressor')} (target {s.get('target')} of FLOPs)")
     t.add_column("")
-    for col in ("top-1 %", "top-5 %", "GMACs", "FLOPs ratio", "img/s"):
+    for col in ("top-1 %", "top-5 %", "GMACs", "FLOPs ratio", "img/s", "speedup"):
         t.add_column(col, justify="right")
+    base_ips = (s.get("base") or {}).get("images_per_s")
     for label in ("base", "compressed"):
         r = s.get(label)
         if not r:
             continue
-        ips = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
+        ips = r.get("images_per_s")
+        # img/s of both were timed on the same batches side by side (the evaluate stage), so their ratio is the speedup.
+        speedup = f"{ips / base_ips:.2f}x" if ips and base_ips else "-"
         t.add_row(label, f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['gmacs']:.4f}", f"{r['flops_ratio']:.3f}",
-                  ips)
+                  f"{ips:.1f}" if ips else "-", speedup)
     return t
 
 
