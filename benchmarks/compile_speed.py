@@ -28,7 +28,7 @@ import ltmpctl  # noqa: E402
 from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 
 from _methods import methods_at  # noqa: E402
-from latency_vs_flops import MODELS, model_args  # noqa: E402
+from latency_vs_flops import MODELS, model_args, setup_line  # noqa: E402
 
 
 def _seconds(f, x: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -42,8 +42,7 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.5, help="FLOPs ratio every compressor is calibrated to")
     args = p.parse_args()
     set_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY')}, median of {args.repeats}")
+    print(f"{setup_line()}, median of {args.repeats}")
     print(f"{'model':<10} {'batch':>5} {'method':<6} {'compile s':>9} {'again s':>8} {'max diff':>9} {'eager':>6} "
           f"{'compiled':>8} {'vs compiled base':>16}")
     for key in args.models:

@@ -70,6 +70,12 @@ def model_args(doc: str, repeats: int, batches: list[int]) -> argparse.ArgumentP
     return p
 
 
+def setup_line() -> str:
+    """What every benchmark's table was timed with: torch version, threads, OpenMP wait policy, CPUs."""
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+            f"{os.environ.get('OMP_WAIT_POLICY')}, {os.cpu_count()} CPUs")
+
+
 def parse_args() -> argparse.Namespace:
     p = model_args(__doc__, 10, [1, 32])
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards per row")
@@ -188,8 +194,7 @@ def main() -> None:
             r, p = measure(label, base, images, args, Path(tmp))
             rows += r
             profiles += p
-    print(f"\ntorch {torch.__version__} eager, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY')}, {os.cpu_count()} CPUs, warmup {args.warmup}, repeats {args.repeats}")
+    print(f"\n{setup_line()}, torch eager, warmup {args.warmup}, repeats {args.repeats}")
     print_table(rows)
     if profiles:
         print("\nwhere the time goes, per forward (torch: under torch.profiler; onnxruntime: its node profiling)")

@@ -25,7 +25,7 @@ import ltmpctl.tokens as tokens  # noqa: E402
 from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 
 from _methods import methods_at  # noqa: E402
-from latency_vs_flops import MODELS, model_args  # noqa: E402
+from latency_vs_flops import MODELS, model_args, setup_line  # noqa: E402
 
 DEFAULT = tokens.SERIAL_ELEMENTS
 
@@ -85,8 +85,7 @@ def main() -> None:
     if args.kernels:
         kernels(max(args.repeats, 300))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY')}, serial scope up to {DEFAULT} values, median of {args.repeats}")
+    print(f"{setup_line()}, serial scope up to {DEFAULT} values, median of {args.repeats}")
     print(f"{'model':<10} {'batch':>5} {'method':<6} {'base ms':>8} {'off ms':>8} {'on ms':>8} {'ratio off':>9} "
           f"{'ratio on':>8}")
     for key in args.models:
