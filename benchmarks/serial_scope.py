@@ -28,6 +28,7 @@ from _methods import methods_at  # noqa: E402
 from latency_vs_flops import MODELS, model_args, setup_line  # noqa: E402
 
 DEFAULT = tokens.SERIAL_ELEMENTS
+DEFAULT_REDUCE = tokens.SERIAL_REDUCE_ELEMENTS
 
 
 class Scoped(torch.nn.Module):
@@ -35,14 +36,15 @@ class Scoped(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, on: bool) -> None:
         super().__init__()
-        self.model, self.limit = model, DEFAULT if on else -1
+        self.model, self.on = model, on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens.SERIAL_ELEMENTS = self.limit
+        if not self.on:
+            tokens.SERIAL_ELEMENTS = tokens.SERIAL_REDUCE_ELEMENTS = -1
         try:
             return self.model(x)
         finally:
-            tokens.SERIAL_ELEMENTS = DEFAULT
+            tokens.SERIAL_ELEMENTS, tokens.SERIAL_REDUCE_ELEMENTS = DEFAULT, DEFAULT_REDUCE
 
 
 def kernels(repeats: int) -> None:
@@ -85,7 +87,8 @@ def main() -> None:
     if args.kernels:
         kernels(max(args.repeats, 300))
         return
-    print(f"{setup_line()}, serial scope up to {DEFAULT} values, median of {args.repeats}")
+    print(f"{setup_line()}, serial scope up to {DEFAULT} values (reduction steps {DEFAULT_REDUCE}), "
+          f"median of {args.repeats}")
     print(f"{'model':<10} {'batch':>5} {'method':<6} {'base ms':>8} {'off ms':>8} {'on ms':>8} {'ratio off':>9} "
           f"{'ratio on':>8}")
     for key in args.models:

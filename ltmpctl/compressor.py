@@ -55,7 +55,7 @@ class TokenBlock(Block):
         a = attention(self.attn, self.norm1(x), size, mask, self.num_prefix,
                       self.importance_mode, self.need_metric, self.size_bias)
         x = x + self.drop_path1(self.ls1(a.out))
-        with serial(x):
+        with serial(x, reduce_ops=True):
             x, size, mask = self.reduce(x, size, mask, a)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, size, mask

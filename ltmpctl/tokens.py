@@ -38,12 +38,14 @@ def eager() -> bool:
     return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
-# Token tensors up to this many elements (B x N x C) are reduced on one thread; see `serial`.
+# Token tensors up to this many elements (B x N x C) have their attention core run on one thread; see `serial`.
 SERIAL_ELEMENTS = 1 << 16
+# ... and their reduction step (matching, merging, pruning, compaction), which has no product worth a second thread.
+SERIAL_REDUCE_ELEMENTS = 1 << 20
 
 
 @contextmanager
-def serial(x: Tensor) -> Iterator[None]:
+def serial(x: Tensor, reduce_ops: bool = False) -> Iterator[None]:
     """Run the block's own small ops on one thread when its tokens `x` are few (eager only; a no-op elsewhere).
 
     The compressors' work between timm's layers (attention products of a few hundred tokens, matching, merging,
@@ -55,10 +57,16 @@ def serial(x: Tensor) -> Iterator[None]:
     and the test models (products and softmax rows are computed whole by one thread either way). timm's own layers
     (qkv, proj, MLP, norms) keep the caller's thread count. The count is process-wide: another Python thread running
     torch ops meanwhile would run them on one thread too.
+
+    `reduce_ops`: the scope of a reduction step (`SERIAL_REDUCE_ELEMENTS`). Its ops are elementwise, indexing and
+    (B, N/2, N/2) products, which a second thread speeds up only on much larger tensors than attention's products:
+    on a 2-core Xeon VM a 40k-element multiply takes 5 us on one thread and 73 us on two, break-even is at 0.3-1M
+    elements, and deit_tiny's matching at batch 32 took 1139 us threaded vs 747 on one (the demo at batch 64: 861
+    vs 288), so batched forwards reduce on one thread up to about a million token values.
     """
     # eager() first: under export the sizes are symbolic, and comparing them would add a guard on the batch.
     n = torch.get_num_threads() if eager() else 1
-    if n == 1 or x.numel() > SERIAL_ELEMENTS:
+    if n == 1 or x.numel() > (SERIAL_REDUCE_ELEMENTS if reduce_ops else SERIAL_ELEMENTS):
         yield
         return
     torch.set_num_threads(1)
@@ -227,7 +235,22 @@ def received_attention(probs: Tensor, mask: Optional[Tensor], num_prefix: int, f
     (train) mask keeps every row, as the reference LTMP does in training.
     """
     B, h, N, _ = probs.shape
-    if mask is not None and mask.dtype == torch.bool:
+    padded = mask is not None and mask.dtype == torch.bool
+    if fast and (mask is None or padded):
+        # Weighted row sums as products: (1 x N) rows-weights times each (N x N) head matrix, in the matrices'
+        # own order, then the heads added. One pass over the probabilities; the reductions below take two or
+        # three, and a heads-major layout made the (B, h * N, N) view a copy (deit_tiny at batch 32, 2 threads:
+        # 1.15 ms -> 0.40 ms in the first block).
+        if B == 1:  # every head's rows in one (1 x h * N) product
+            imp = torch.bmm(probs.new_ones(1, 1, h * N), probs.reshape(1, h * N, N)).view(1, N) / (h * N)
+            return prefix_inf(imp, num_prefix, fast)
+        rows = mask.to(probs.dtype) if padded else probs.new_ones(B, N)  # (B, N)
+        major = heads_major(probs)
+        weights = flat_heads(rows[:, None, None, :].expand(B, h, 1, N), major)  # (B * h, 1, N), P's order
+        per_head = unflat_heads(torch.bmm(weights, flat_heads(probs, major)), B, major)  # (B, h, 1, N)
+        denom = rows.sum(1, keepdim=True) * h if padded else float(h * N)
+        return prefix_inf(per_head.sum(1)[:, 0] / denom, num_prefix, fast)
+    if padded:
         rows = mask.to(probs.dtype)  # (B, N)
         imp = (probs.sum(1) * rows.unsqueeze(-1)).sum(1) / (rows.sum(1, keepdim=True) * h)
     else:
@@ -298,16 +321,28 @@ def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor]) -> tuple[Tens
     if not torch.jit.is_tracing():
         _check_nonempty(a.shape[1], b.shape[1])
     scores = torch.bmm(a, b.transpose(1, 2))  # (B, NA, NB); bmm itself: matmul costs twice as much here
-    if mask is not None and mask.dtype == torch.bool:
+    padded = mask is not None and mask.dtype == torch.bool
+    if padded and eager():
+        # Eager: padding columns masked in place, padding rows' results afterwards (a (B, NA) fill instead of
+        # building and applying a (B, NA, NB) mask: deit_tiny at batch 32, ~0.25 ms a block).
+        mask_a, mask_b = split_ab(mask, num_prefix)
+        scores.masked_fill_(~mask_b.unsqueeze(1), -math.inf)
+        node_max, node_idx = _row_max(scores)
+        return node_max.masked_fill_(~mask_a, -math.inf), node_idx
+    if padded:
         mask_a, mask_b = split_ab(mask, num_prefix)
         scores = scores.masked_fill(~(mask_a.unsqueeze(2) & mask_b.unsqueeze(1)), -math.inf)
     # Every caller leaves at least one token on each side (compact's min_tokens), so the max is defined.
-    if eager():
-        # Same values and first-maximum ties as max(dim); max(dim) wakes the CPU thread pool, argmax doesn't.
-        node_idx = scores.argmax(dim=-1)
-        return scores.gather(-1, node_idx.unsqueeze(-1)).squeeze(-1), node_idx
-    node_max, node_idx = scores.max(dim=-1)
-    return node_max, node_idx
+    return _row_max(scores) if eager() else scores.max(dim=-1)
+
+
+def _row_max(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Eager max over the last dim: max(dim) on one thread (twice as fast as argmax there), else argmax and a
+    gather (max(dim) wakes the CPU thread pool, argmax doesn't). Same values and first-maximum ties either way."""
+    if torch.get_num_threads() == 1:
+        return scores.max(dim=-1)
+    node_idx = scores.argmax(dim=-1)
+    return scores.gather(-1, node_idx.unsqueeze(-1)).squeeze(-1), node_idx
 
 
 def scatter_merge(dst: Tensor, node_idx: Tensor, src: Tensor, inplace: bool = False) -> Tensor:
@@ -404,7 +439,11 @@ def unpack_qkv(qkv: Tensor, mask: Tensor, num_heads: int, rows: Optional[Tensor]
     if T == B * N:  # nothing padded (e.g. the first block): the heads-major copy alone
         out = heads.contiguous()
     else:
-        out = qkv.new_zeros(3 * num_heads, B * N, hd).index_copy_(1, real_rows(mask) if rows is None else rows, heads)
+        # Real rows copied in, then only the padding rows zeroed (they must be finite: a padding key's logit gets
+        # -inf added, and a padding query's row weighs 0 in the importance); zeroing all of it first wrote the
+        # whole buffer twice (deit_tiny at batch 32: 0.8 ms a block).
+        out = qkv.new_empty(3 * num_heads, B * N, hd).index_copy_(1, real_rows(mask) if rows is None else rows, heads)
+        out.index_fill_(1, (~mask).reshape(-1).nonzero().squeeze(1), 0.0)
     return out.view(3, num_heads, B, N, hd).permute(2, 3, 0, 1, 4)
 
 

@@ -88,14 +88,16 @@ class LTMPBlock(TokenBlock):
         rows = real_rows(mask)  # (T,)
         if x.dim() == 3:  # the first block: tokens arrive padded (or all real, and packing them is a view)
             x, size = pack(x, mask, rows), pack(size, mask, rows)
+        # No padding (e.g. the first block): attention needs no key mask, so no bias of zeros to add either.
+        key_mask = None if rows.shape[0] == mask.numel() else mask
         h = self.norm1(x)
         qkv = unpack_qkv(self.attn.qkv(h), mask, self.attn.num_heads, rows)  # heads-major: no copies in attention
         with serial(h):
-            a = attention_core(self.attn, qkv, unpack(size, mask, rows), mask, self.num_prefix, self.importance_mode,
-                               self.need_metric, self.size_bias)
+            a = attention_core(self.attn, qkv, unpack(size, mask, rows), key_mask, self.num_prefix,
+                               self.importance_mode, self.need_metric, self.size_bias)
             out = pack(a.out, mask, rows)
         x = x + self.drop_path1(self.ls1(attention_proj(self.attn, out, h)))
-        with serial(x):
+        with serial(x, reduce_ops=True):
             x, size, mask = self._reduce_packed(x, size, mask, a)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, size, mask
@@ -113,23 +115,30 @@ class LTMPBlock(TokenBlock):
         # Padded position n of image b is packed row start[b] + n (real tokens come first in every image).
         counts = mask.sum(dim=1)
         start = counts.cumsum(0) - counts  # (B,)
-        pos = torch.arange(N, device=x.device)
-        src_pos, dst_pos = split_ab(pos.unsqueeze(0), P)  # (1, NA), (1, NB): positions of A and B
-        t = torch.cat([x * size, size], dim=-1)  # (T, C + 1): merged alike, gathered alike
+        # The kept candidates, in the reference's order (prefix, unmerged A, B) per image, gathered first: the
+        # size weighting, the merge sums and the division then run on the kept rows only, in place, with the
+        # reference's arithmetic ((x * size + sources) / total size) on every kept token.
+        kept_rows = (start.unsqueeze(1) + candidate_positions(N, P, x.device))[keep]  # (T',)
+        size_out = size.index_select(0, kept_rows)
+        x_out = x.index_select(0, kept_rows).mul_(size_out)
         b, i = merge.nonzero(as_tuple=True)  # ascending (b, i): each destination adds its sources in order
-        src = t.index_select(0, start[b] + src_pos[0, i]).unsqueeze(0)  # (1, M, C + 1)
-        dst_rows = (start[b] + dst_pos[0, node_idx[b, i]]).view(1, -1, 1).expand_as(src)
+        j = node_idx[b, i]  # each source's B token
+        # Where each kept candidate landed in x_out; a source whose destination was pruned goes with it.
+        landed = keep.reshape(-1).cumsum(0) - 1
+        dst_cand = b * N + (P + src_m.shape[1]) + j  # the destination's candidate index, flattened over images
+        live = keep.reshape(-1)[dst_cand]
+        b, i, dst_out = b[live], i[live], landed[dst_cand[live]]
+        src_rows = start[b] + split_ab(torch.arange(N, device=x.device).unsqueeze(0), P)[0][0, i]
+        src_size = size.index_select(0, src_rows)  # (M, 1)
         # scatter_add, not index_add_: the same sums in the same order, but index_add_ on a CPU with 2 threads
         # costs ~2 us per merged token (15x its single-thread time); scatter_add runs as one kernel.
-        t = t.unsqueeze(0).scatter_add_(1, dst_rows, src)[0]
-        # Candidates in the reference's order (prefix, unmerged A, B), kept ones per image in that order.
-        t = t.index_select(0, (start.unsqueeze(1) + candidate_positions(N, P, x.device))[keep])
+        x_out.scatter_add_(0, dst_out.unsqueeze(1).expand(-1, x.shape[1]), x.index_select(0, src_rows) * src_size)
+        size_out.scatter_add_(0, dst_out.unsqueeze(1), src_size)
         kept = keep.sum(dim=1)
         # A floor of prefix + 2 positions, so that the next block's A/B split has a token on each side.
         width = max(int(kept.max()), P + 2)
         mask = torch.arange(width, device=x.device) < kept.unsqueeze(1)
-        size = t[:, -1:]
-        return t[:, :-1] / size, size, mask
+        return x_out.div_(size_out), size_out, mask
 
     def reduce(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
         if self.training:

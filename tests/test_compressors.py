@@ -80,6 +80,10 @@ def test_serial_scope_is_one_thread_only_for_small_eager_tokens():
         with serial(x):
             seen.append(torch.get_num_threads())
     assert seen == [1, threads] and torch.get_num_threads() == threads
+    from ltmpctl.tokens import SERIAL_REDUCE_ELEMENTS  # reduction steps: one thread up to a larger size
+    for x, want in ((large, 1), (torch.zeros(SERIAL_REDUCE_ELEMENTS + 1), threads)):
+        with serial(x, reduce_ops=True):
+            assert torch.get_num_threads() == want
     with pytest.raises(RuntimeError), serial(small):  # restored on the way out of an error too
         raise RuntimeError
     assert torch.get_num_threads() == threads
@@ -103,6 +107,7 @@ def test_serial_scope_changes_no_value(name, params, images, monkeypatch):
     with torch.no_grad():
         on = [model(images[:1]), model(images)]
         monkeypatch.setattr(tokens, "SERIAL_ELEMENTS", -1)
+        monkeypatch.setattr(tokens, "SERIAL_REDUCE_ELEMENTS", -1)
         off = [model(images[:1]), model(images)]
     assert all(torch.equal(a, b) for a, b in zip(on, off))
 
