@@ -11,10 +11,11 @@ from ltmpctl.stages.calibrate import calibrate
 COMPRESSORS = ("ltmp", "tome", "topk")
 
 
-def methods_at(base: torch.nn.Module, target: float, probe: torch.Tensor) -> list[tuple[str, dict[str, Any], float]]:
-    """(compressor, params, measured FLOPs ratio on `probe`) for every built-in compressor at `target`."""
+def methods_at(base: torch.nn.Module, target: float, probe: torch.Tensor, names: tuple[str, ...] = COMPRESSORS
+               ) -> list[tuple[str, dict[str, Any], float]]:
+    """(compressor, params, measured FLOPs ratio on `probe`) for each of `names` (every built-in one) at `target`."""
     out = []
-    for name in COMPRESSORS:
+    for name in names:
         cal = calibrate(base, create(name), {}, target, probe, tolerance=0.01, max_iters=20)
         out.append((name, cal.params, cal.flops_ratio))
     return out
