@@ -241,7 +241,7 @@ def received_attention(probs: Tensor, mask: Optional[Tensor], num_prefix: int, f
         # own order, then the heads added. One pass over the probabilities; the reductions below take two or
         # three, and a heads-major layout made the (B, h * N, N) view a copy (deit_tiny at batch 32, 2 threads:
         # 1.15 ms -> 0.40 ms in the first block).
-        if B == 1:  # every head's rows in one (1 x h * N) product
+        if B == 1 and not padded:  # every head's rows in one (1 x h * N) product
             imp = torch.bmm(probs.new_ones(1, 1, h * N), probs.reshape(1, h * N, N)).view(1, N) / (h * N)
             return prefix_inf(imp, num_prefix, fast)
         rows = mask.to(probs.dtype) if padded else probs.new_ones(B, N)  # (B, N)
@@ -321,16 +321,14 @@ def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor]) -> tuple[Tens
     if not torch.jit.is_tracing():
         _check_nonempty(a.shape[1], b.shape[1])
     scores = torch.bmm(a, b.transpose(1, 2))  # (B, NA, NB); bmm itself: matmul costs twice as much here
-    padded = mask is not None and mask.dtype == torch.bool
-    if padded and eager():
-        # Eager: padding columns masked in place, padding rows' results afterwards (a (B, NA) fill instead of
-        # building and applying a (B, NA, NB) mask: deit_tiny at batch 32, ~0.25 ms a block).
+    if mask is not None and mask.dtype == torch.bool:
         mask_a, mask_b = split_ab(mask, num_prefix)
-        scores.masked_fill_(~mask_b.unsqueeze(1), -math.inf)
-        node_max, node_idx = _row_max(scores)
-        return node_max.masked_fill_(~mask_a, -math.inf), node_idx
-    if padded:
-        mask_a, mask_b = split_ab(mask, num_prefix)
+        if eager():
+            # Padding columns masked in place, padding rows' results afterwards (a (B, NA) fill instead of
+            # building and applying a (B, NA, NB) mask: deit_tiny at batch 32, ~0.25 ms a block).
+            scores.masked_fill_(~mask_b.unsqueeze(1), -math.inf)
+            node_max, node_idx = _row_max(scores)
+            return node_max.masked_fill_(~mask_a, -math.inf), node_idx
         scores = scores.masked_fill(~(mask_a.unsqueeze(2) & mask_b.unsqueeze(1)), -math.inf)
     # Every caller leaves at least one token on each side (compact's min_tokens), so the max is defined.
     return _row_max(scores) if eager() else scores.max(dim=-1)
@@ -443,7 +441,7 @@ def unpack_qkv(qkv: Tensor, mask: Tensor, num_heads: int, rows: Optional[Tensor]
         # -inf added, and a padding query's row weighs 0 in the importance); zeroing all of it first wrote the
         # whole buffer twice (deit_tiny at batch 32: 0.8 ms a block).
         out = qkv.new_empty(3 * num_heads, B * N, hd).index_copy_(1, real_rows(mask) if rows is None else rows, heads)
-        out.index_fill_(1, (~mask).reshape(-1).nonzero().squeeze(1), 0.0)
+        out.index_fill_(1, real_rows(~mask), 0.0)
     return out.view(3, num_heads, B, N, hd).permute(2, 3, 0, 1, 4)
 
 

@@ -118,7 +118,8 @@ class LTMPBlock(TokenBlock):
         # The kept candidates, in the reference's order (prefix, unmerged A, B) per image, gathered first: the
         # size weighting, the merge sums and the division then run on the kept rows only, in place, with the
         # reference's arithmetic ((x * size + sources) / total size) on every kept token.
-        kept_rows = (start.unsqueeze(1) + candidate_positions(N, P, x.device))[keep]  # (T',)
+        cand = candidate_positions(N, P, x.device)  # prefix, then A's positions, then B's
+        kept_rows = (start.unsqueeze(1) + cand)[keep]  # (T',)
         size_out = size.index_select(0, kept_rows)
         x_out = x.index_select(0, kept_rows).mul_(size_out)
         b, i = merge.nonzero(as_tuple=True)  # ascending (b, i): each destination adds its sources in order
@@ -128,7 +129,7 @@ class LTMPBlock(TokenBlock):
         dst_cand = b * N + (P + src_m.shape[1]) + j  # the destination's candidate index, flattened over images
         live = keep.reshape(-1)[dst_cand]
         b, i, dst_out = b[live], i[live], landed[dst_cand[live]]
-        src_rows = start[b] + split_ab(torch.arange(N, device=x.device).unsqueeze(0), P)[0][0, i]
+        src_rows = start[b] + cand[P + i]  # A token i's packed row
         src_size = size.index_select(0, src_rows)  # (M, 1)
         # scatter_add, not index_add_: the same sums in the same order, but index_add_ on a CPU with 2 threads
         # costs ~2 us per merged token (15x its single-thread time); scatter_add runs as one kernel.
