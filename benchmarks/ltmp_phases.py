@@ -1,6 +1,6 @@
 """Where ltmp's batched eager forward spends its time, part by part: ms per forward in each piece of the packed
 block (`LTMPBlock._forward_packed`: the per-token layers, the padded layout for attention, the attention core, the
-reduction and, inside it, the matching), with the uncompressed model's p50 beside it, at ~0.5 FLOPs.
+reduction and, inside it, the matching), with both models' p50 (timed interleaved) beside it, at ~0.5 FLOPs.
 
     OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/ltmp_phases.py --threads 2 --batches 32 --models deit_tiny
     OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/ltmp_phases.py --threads 2 --batches 64 --models demo
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
 import time
 from collections import defaultdict
 from typing import Any, Callable
@@ -22,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenM
 import torch  # noqa: E402
 
 import ltmpctl  # noqa: E402
-from ltmpctl.bench.local import set_threads  # noqa: E402
+from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 
 from _methods import methods_at  # noqa: E402
 from latency_vs_flops import MODELS, model_args, setup_line  # noqa: E402
@@ -76,17 +75,6 @@ def phases(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> dict[str, f
     return {k: v * 1e3 / repeats for k, v in totals.items()}
 
 
-def p50_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    with torch.inference_mode():
-        model(x)
-        runs = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model(x)
-            runs.append(time.perf_counter() - t)
-    return statistics.median(runs) * 1e3
-
-
 def main() -> None:
     args = model_args(__doc__, 10, [32]).parse_args()
     set_threads(args.threads)
@@ -98,8 +86,10 @@ def main() -> None:
         for batch in args.batches:
             x = images(batch, 0)
             parts = phases(model, x, args.repeats)
-            print(f"\n{title}, batch {batch}: base p50 {p50_ms(base, x, args.repeats):.2f} ms, "
-                  f"ltmp p50 {p50_ms(model, x, args.repeats):.2f} ms")
+            b, c = bench_torch_models([base, model], tuple(x.shape[1:]), batch, 2, args.repeats, threads=args.threads,
+                                      images=x)
+            print(f"\n{title}, batch {batch}: base p50 {b['p50_ms']:.2f} ms, ltmp p50 {c['p50_ms']:.2f} ms "
+                  "(timed interleaved)")
             for name, ms in parts.items():
                 print(f"  {name:<16} {ms:8.2f} ms")
 
