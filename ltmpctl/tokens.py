@@ -301,7 +301,9 @@ def candidate_positions(n: int, num_prefix: int, device: torch.device) -> Tensor
 
 def _check_nonempty(na: int, nb: int) -> None:
     """Tell torch.export what compaction guarantees (>= 1 token in A and in B), so that it and ExecuTorch can
-    order the strides of (B, NA, NB) tensors whose sizes are data-dependent. Plain ints pass trivially."""
+    order the strides of (B, NA, NB) tensors whose sizes are data-dependent. Called for symbolic sizes only: plain
+    ints pass trivially, and in eager the four checks cost ~0.2 ms a deit_tiny forward at batch 1 (measured
+    interleaved, `torch._check` is a Python function with an import inside)."""
     torch._check(na >= 1)
     torch._check(nb >= 1)
     torch._check(na * nb >= nb)
@@ -318,7 +320,7 @@ def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor]) -> tuple[Tens
     if mask is not None and mask.dtype != torch.bool:
         metric = metric * mask.detach().unsqueeze(-1)
     a, b = split_ab(metric, num_prefix)
-    if not torch.jit.is_tracing():
+    if isinstance(a.shape[1], torch.SymInt) or isinstance(b.shape[1], torch.SymInt):
         _check_nonempty(a.shape[1], b.shape[1])
     scores = torch.bmm(a, b.transpose(1, 2))  # (B, NA, NB); bmm itself: matmul costs twice as much here
     if mask is not None and mask.dtype == torch.bool:
