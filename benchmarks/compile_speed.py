@@ -27,8 +27,7 @@ import torch  # noqa: E402
 import ltmpctl  # noqa: E402
 from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 
-from _methods import methods_at  # noqa: E402
-from latency_vs_flops import MODELS, model_args, setup_line  # noqa: E402
+from latency_vs_flops import MODELS, calibrated, model_args, setup_line  # noqa: E402
 
 
 def _seconds(f, x: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -46,9 +45,10 @@ def main() -> None:
     print(f"{'model':<10} {'batch':>5} {'method':<6} {'compile s':>9} {'again s':>8} {'max diff':>9} {'eager':>6} "
           f"{'compiled':>8} {'vs compiled base':>16}")
     for key in args.models:
+        methods = calibrated(key, args.target, args.threads)
         _, base, images = MODELS[key]()
         models = {"base": base}
-        for name, params, _ in methods_at(base, args.target, images(64, 1)):
+        for name, params, _ in methods:
             models[name] = ltmpctl.apply(copy.deepcopy(base), name, **params)
         for batch in args.batches:
             x, other = images(batch, 0), images(batch, 2)

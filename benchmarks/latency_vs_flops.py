@@ -7,6 +7,7 @@ torch eager, onnxruntime and (with --executorch) ExecuTorch's runtime, at batch 
 
 Each compressor is calibrated to --target on a probe batch of the model's own images (real ones for the demo) and
 timed on other images of the same kind; base and compressed models run interleaved (one forward each in turn).
+Calibration and exports run in a separate process: the timing process only builds the models and times them.
 FLOPs = ltmpctl's analytic MACs of the tokens each timed image keeps, as a fraction of the unreduced model's;
 exec = what the batched forward really computes (`ltmpctl.flops.executed_macs`: ltmp runs attention's n x n
 products padded to the batch's widest image), equal to FLOPs at batch 1. lat/FLOPs = latency ratio / FLOPs ratio
@@ -34,7 +35,7 @@ from ltmpctl.bench.local import (bench_onnx_files, bench_pte_files, bench_torch_
 from ltmpctl.compressor import token_counts  # noqa: E402
 from ltmpctl.flops import batch_ratios  # noqa: E402
 
-from _methods import methods_at, short  # noqa: E402
+from _methods import COMPRESSORS, in_fresh_process, methods_at, short  # noqa: E402
 from _profile import op_count, ort_profile, print_profile, torch_profile  # noqa: E402
 
 
@@ -120,40 +121,66 @@ def bound_of(base: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor) -> 
     return Bound(base, [int(n) for n in counts[0].tolist()])
 
 
-def measure(label: str, base: torch.nn.Module, images: Callable[[int, int], torch.Tensor],
-            args: argparse.Namespace, tmp: Path) -> tuple[list[dict], list[dict]]:
+def timed_images(images: Callable[[int, int], torch.Tensor], batches: list[int]) -> torch.Tensor:
+    """The images every row is timed (and the exports verified) on: not the calibration probe."""
+    return images(max(batches + [32]), 0)
+
+
+def compressed(base: torch.nn.Module, methods: list[tuple[str, dict[str, Any], float]]) -> dict[str, torch.nn.Module]:
+    """The base and a compressed copy of it per calibrated method, by name."""
+    return {"base": base, **{name: ltmpctl.apply(copy.deepcopy(base), name, **p) for name, p, _ in methods}}
+
+
+def prepare(key: str, target: float, threads: int | None, batches: list[int], formats: dict[str, str],
+            out: Path, names: tuple[str, ...] = COMPRESSORS) -> tuple[list, dict[str, dict[str, Path]]]:
+    """Calibrate `names` on model `key`'s probe images and export base and compressed models in each of `formats`
+    ({backend: export format}) under `out`: (methods, {backend: {name: file}}). Run through `in_fresh_process`."""
+    set_threads(threads)
+    label, base, images = MODELS[key]()
+    methods = methods_at(base, target, images(64, 1), names)
+    verify = timed_images(images, batches)[:32]
+    models = compressed(base, methods)
+    files = {backend: {n: export(m, fmt, out / key / backend / n, verify) for n, m in models.items()}
+             for backend, fmt in formats.items()}
+    return methods, files
+
+
+def calibrated(key: str, target: float, threads: int | None, names: tuple[str, ...] = COMPRESSORS) -> list:
+    """`methods_at` on model `key`'s probe images, calibrated in a fresh process (`in_fresh_process`)."""
+    return in_fresh_process(prepare, key, target, threads, [], {}, Path(), names)[0]
+
+
+def measure(key: str, args: argparse.Namespace, tmp: Path) -> tuple[list[dict], list[dict]]:
     """(latency rows, profile rows): every model at every batch, on every backend."""
-    methods = methods_at(base, args.target, images(64, 1))
-    models = {"base": base, **{name: ltmpctl.apply(copy.deepcopy(base), name, **p) for name, p, _ in methods}}
+    formats = {backend: fmt for backend, fmt, on in (("onnxruntime", "onnx", args.onnx),
+                                                     ("executorch", "mobile", args.executorch)) if on}
+    methods, files = in_fresh_process(prepare, key, args.target, args.threads, args.batches, formats, tmp)
+    label, base, images = MODELS[key]()
+    models = compressed(base, methods)
     params = {"base": "", **{name: short(p) for name, p, _ in methods}}
-    timed_images = images(max(args.batches + [32]), 0)  # not the calibration probe
-    input_shape = tuple(timed_images.shape[1:])
+    timed = timed_images(images, args.batches)
+    input_shape = tuple(timed.shape[1:])
     depth = len(base.blocks)
-    files: dict[str, dict[str, Path]] = {}
-    if args.onnx:
-        files["onnxruntime"] = {n: export(m, "onnx", tmp / label / n, timed_images[:32]) for n, m in models.items()}
-    if args.executorch:
-        files["executorch"] = {n: export(m, "mobile", tmp / label / n, timed_images[:32]) for n, m in models.items()}
     rows, profiles = [], []
     for batch in args.batches:
-        x = timed_images[:batch]
+        x = timed[:batch]
         print(f"{label}: batch {batch}", flush=True)
         bounds = {n: b for n, m in models.items() if n != "base" and (b := bound_of(base, m, x)) is not None}
         torch_rows = bench_torch_models([*models.values(), *bounds.values()], input_shape, batch, args.warmup,
                                         args.repeats, threads=args.threads, images=x)
         bound_ratio = {n: compare_rows(torch_rows[0], row, None)["latency_ratio"]
                        for n, row in zip(bounds, torch_rows[len(models):])}
-        timed = {"torch": torch_rows[:len(models)]}
+        by_backend = {"torch": torch_rows[:len(models)]}
         if "onnxruntime" in files:
-            timed["onnxruntime"] = bench_onnx_files(list(files["onnxruntime"].values()), input_shape, batch,
+            by_backend["onnxruntime"] = bench_onnx_files(list(files["onnxruntime"].values()), input_shape, batch,
                                                     args.warmup, args.repeats, threads=args.threads, images=x)
         if "executorch" in files and batch == 1:
-            timed["executorch"] = bench_pte_files(list(files["executorch"].values()), input_shape, args.warmup,
+            by_backend["executorch"] = bench_pte_files(list(files["executorch"].values()), input_shape, args.warmup,
                                                   args.repeats, images=x)
         for i, (name, model) in enumerate(models.items()):
             ratio, executed = batch_ratios(model, x)  # one forward on the timed batch
             ops = op_count(model, x) / depth
-            for backend, backend_rows in timed.items():
+            for backend, backend_rows in by_backend.items():
                 rows.append({"model": label, "method": name, "params": params[name], "exec_ratio": executed,
                              "ops_per_block": ops if backend == "torch" else None,
                              "bound": bound_ratio.get(name) if backend == "torch" else None,
@@ -190,8 +217,7 @@ def main() -> None:
     profiles: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models:
-            label, base, images = MODELS[key]()
-            r, p = measure(label, base, images, args, Path(tmp))
+            r, p = measure(key, args, Path(tmp))
             rows += r
             profiles += p
     print(f"\n{setup_line()}, torch eager, warmup {args.warmup}, repeats {args.repeats}")

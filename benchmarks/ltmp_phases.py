@@ -23,8 +23,7 @@ import torch  # noqa: E402
 import ltmpctl  # noqa: E402
 from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 
-from _methods import methods_at  # noqa: E402
-from latency_vs_flops import MODELS, model_args, setup_line  # noqa: E402
+from latency_vs_flops import MODELS, calibrated, model_args, setup_line  # noqa: E402
 
 # Functions the packed block calls by their module-level names, and its methods, timed as parts.
 FUNCTIONS = ("unpack_qkv", "attention_core", "pack", "attention_proj", "match")
@@ -80,8 +79,8 @@ def main() -> None:
     set_threads(args.threads)
     print(setup_line())
     for key in args.models:
+        (_, params, _), = calibrated(key, 0.5, args.threads, names=("ltmp",))
         title, base, images = MODELS[key]()
-        (_, params, _), = methods_at(base, 0.5, images(64, 1), names=("ltmp",))
         model = ltmpctl.apply(copy.deepcopy(base), "ltmp", **params)
         for batch in args.batches:
             x = images(batch, 0)

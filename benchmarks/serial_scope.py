@@ -24,8 +24,7 @@ import ltmpctl  # noqa: E402
 import ltmpctl.tokens as tokens  # noqa: E402
 from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 
-from _methods import methods_at  # noqa: E402
-from latency_vs_flops import MODELS, model_args, setup_line  # noqa: E402
+from latency_vs_flops import MODELS, calibrated, model_args, setup_line  # noqa: E402
 
 DEFAULT = tokens.SERIAL_ELEMENTS
 DEFAULT_REDUCE = tokens.SERIAL_REDUCE_ELEMENTS
@@ -92,8 +91,8 @@ def main() -> None:
     print(f"{'model':<10} {'batch':>5} {'method':<6} {'base ms':>8} {'off ms':>8} {'on ms':>8} {'ratio off':>9} "
           f"{'ratio on':>8}")
     for key in args.models:
+        methods = calibrated(key, 0.5, args.threads)
         _, base, images = MODELS[key]()
-        methods = methods_at(base, 0.5, images(64, 1))
         models = {name: ltmpctl.apply(copy.deepcopy(base), name, **params) for name, params, _ in methods}
         for batch in args.batches:
             x = images(batch, 0)
