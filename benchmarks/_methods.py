@@ -40,10 +40,10 @@ def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
     """fn(*args) in a newly spawned Python process; its (picklable) result.
 
     The benchmarks calibrate and export there, so that the process which times has done nothing but build its
-    models, as a deployed one has: on a 2-core Xeon VM, after the calibration's batch-64 forwards in the same
-    process, ltmp's batch-1 latency ratio on deit_tiny read 0.89 instead of 0.84 (and 0.92 after ONNX exports as
-    well; the demo at batch 64, 1.03 instead of 0.97), the bound and the base much less. The compressed forwards make
-    many more small allocations than timm's; `gc.freeze` and `malloc_trim` after the calibration recovered only part.
+    models, as a deployed one has. On a 2-core Xeon VM, ltmp's deit_tiny batch-1 latency ratio (one thread) was 0.84
+    in a fresh process, 0.89 after a calibration and 0.88-0.90 after an ONNX export in the same process (the demo at
+    batch 64 on two threads: 0.97 against 1.03 after a calibration); the base moved much less. `gc.freeze` or
+    `malloc_trim` after the calibration got part of it back, after the export neither did.
     """
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
