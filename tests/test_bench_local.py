@@ -168,6 +168,22 @@ def test_cli_bench_model_in_exported_runtimes(monkeypatch, capsys) -> None:
     assert "exporting tome for executorch" in err
 
 
+def test_cli_bench_times_torch_before_exports(monkeypatch, capsys) -> None:
+    """Torch eager is timed before anything is exported in the process, whatever order --backend lists."""
+    from ltmpctl.cli import bench_cmd
+
+    order: list[str] = []
+    real_pair, real_exported = bench_cmd._bench_pair, bench_cmd._bench_exported_pair
+    monkeypatch.setattr(bench_cmd, "_bench_pair", lambda *a, **k: order.append("torch") or real_pair(*a, **k))
+    monkeypatch.setattr(bench_cmd, "_bench_exported_pair",
+                        lambda backend, *a, **k: order.append(backend) or real_exported(backend, *a, **k))
+    code, out, err = _cli(monkeypatch, capsys, "bench", "vit_tiny_patch16_224", *TINY_KWARGS, "--backend",
+                          "onnxruntime", "--backend", "torch", "--warmup", "0", "--repeats", "1", "--threads", "1",
+                          "--json")
+    assert code == 0, err
+    assert order == ["torch", "onnxruntime"]
+
+
 def test_cli_bench_pte_file_here(tiny_vit, tmp_path, monkeypatch, capsys) -> None:
     """A .pte without --adb runs in ExecuTorch's runtime on this machine, one image at a time."""
     import json
