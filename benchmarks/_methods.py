@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: each compressor calibrated to one FLOPs target on a probe batch."""
+"""Shared by the benchmark scripts: each compressor calibrated to one FLOPs target on a probe batch, and the fresh
+process they calibrate and export in."""
 from __future__ import annotations
 
 import concurrent.futures

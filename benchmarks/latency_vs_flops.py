@@ -136,7 +136,7 @@ def prepare(key: str, target: float, threads: int | None, batches: list[int], fo
     """Calibrate `names` on model `key`'s probe images and export base and compressed models in each of `formats`
     ({backend: export format}) under `out`: (methods, {backend: {name: file}}). Run through `in_fresh_process`."""
     set_threads(threads)
-    label, base, images = MODELS[key]()
+    _, base, images = MODELS[key]()
     methods = methods_at(base, target, images(64, 1), names)
     verify = timed_images(images, batches)[:32]
     models = compressed(base, methods)
@@ -173,10 +173,10 @@ def measure(key: str, args: argparse.Namespace, tmp: Path) -> tuple[list[dict], 
         by_backend = {"torch": torch_rows[:len(models)]}
         if "onnxruntime" in files:
             by_backend["onnxruntime"] = bench_onnx_files(list(files["onnxruntime"].values()), input_shape, batch,
-                                                    args.warmup, args.repeats, threads=args.threads, images=x)
+                                                         args.warmup, args.repeats, threads=args.threads, images=x)
         if "executorch" in files and batch == 1:
-            by_backend["executorch"] = bench_pte_files(list(files["executorch"].values()), input_shape, args.warmup,
-                                                  args.repeats, images=x)
+            by_backend["executorch"] = bench_pte_files(list(files["executorch"].values()), input_shape,
+                                                       args.warmup, args.repeats, images=x)
         for i, (name, model) in enumerate(models.items()):
             ratio, executed = batch_ratios(model, x)  # one forward on the timed batch
             ops = op_count(model, x) / depth
