@@ -22,9 +22,20 @@ import ltmpctl  # noqa: E402
 from ltmpctl.bench.local import bench_torch_models, random_batch, set_threads  # noqa: E402
 from ltmpctl.flops import base_macs, image_macs, vit_shape  # noqa: E402
 
-from _methods import methods_at, short  # noqa: E402
+from _methods import in_fresh_process, methods_at, short  # noqa: E402
 
 INPUT = (3, 224, 224)
+
+
+def _base(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)  # the same random weights in every process
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def _calibrated(name: str, target: float, threads: int) -> list:
+    """Every compressor calibrated on `name` and a random probe batch (run in a fresh process: `in_fresh_process`)."""
+    set_threads(threads)
+    return methods_at(_base(name), target, random_batch(INPUT, 8, seed=1))
 
 
 def main() -> None:
@@ -37,10 +48,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     args = p.parse_args()
     set_threads(args.threads)
-    torch.manual_seed(0)
-    base = timm.create_model(args.model, pretrained=False).eval()
+    methods = in_fresh_process(_calibrated, args.model, args.target, args.threads)
+    base = _base(args.model)
     s = vit_shape(base)
-    methods = methods_at(base, args.target, random_batch(INPUT, 8, seed=1))
     print(f"{args.model} {INPUT}, random weights, torch {torch.__version__} eager, {args.threads} threads, "
           f"median of {args.repeats} after {args.warmup} warm-up")
     print(f"{'method':7} {'batch':>5} {'GMACs':>7} {'ratio':>6} {'p50 ms':>9} {'speedup':>8}  tokens per block (MLP)"
