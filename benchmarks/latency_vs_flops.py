@@ -150,6 +150,13 @@ def calibrated(key: str, target: float, threads: int | None, names: tuple[str, .
     return in_fresh_process(prepare, key, target, threads, [], {}, Path(), names)[0]
 
 
+def ltmp_at(key: str, target: float, threads: int | None) -> tuple[str, torch.nn.Module, Callable, torch.nn.Module]:
+    """(title, base, images, ltmp copy of the base calibrated to `target` in a fresh process) for model `key`."""
+    (_, params, _), = calibrated(key, target, threads, names=("ltmp",))
+    title, base, images = MODELS[key]()
+    return title, base, images, ltmpctl.apply(copy.deepcopy(base), "ltmp", **params)
+
+
 def measure(key: str, args: argparse.Namespace, tmp: Path) -> tuple[list[dict], list[dict]]:
     """(latency rows, profile rows): every model at every batch, on every backend."""
     formats = {backend: fmt for backend, fmt, on in (("onnxruntime", "onnx", args.onnx),

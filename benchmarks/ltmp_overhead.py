@@ -21,11 +21,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenM
 
 import torch  # noqa: E402
 
-import ltmpctl  # noqa: E402
 from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 from ltmpctl.compressor import token_counts  # noqa: E402
 
-from latency_vs_flops import MODELS, bound_of, calibrated, model_args, setup_line  # noqa: E402
+from latency_vs_flops import bound_of, ltmp_at, model_args, setup_line  # noqa: E402
 
 
 def _slice_reduce(self: torch.nn.Module, x: torch.Tensor, size: torch.Tensor, mask: Optional[torch.Tensor],
@@ -54,9 +53,7 @@ def main() -> None:
     set_threads(args.threads)
     print(setup_line())
     for key in args.models:
-        (_, params, flops), = calibrated(key, 0.5, args.threads, names=("ltmp",))
-        title, base, images = MODELS[key]()
-        model = ltmpctl.apply(copy.deepcopy(base), "ltmp", **params)
+        title, base, images, model = ltmp_at(key, 0.5, args.threads)
         for batch in args.batches:
             x = images(max(batch, 32), 0)[:batch]
             bound = bound_of(base, model, x)
@@ -70,7 +67,7 @@ def main() -> None:
                                        threads=args.threads, images=x)
             ms = {name: r["p50_ms"] for name, r in zip(rows, timed)}
             depth = len(base.blocks)
-            print(f"\n{title}, batch {batch}, ltmp at {flops:.3f} FLOPs (calibration probe), p50 timed interleaved")
+            print(f"\n{title}, batch {batch}, ltmp calibrated to 0.5 FLOPs, p50 timed interleaved")
             for name, t in ms.items():
                 print(f"  {name:<20} {t:8.2f} ms  {t / ms['base']:6.3f} of the base")
             parts = {"merge-and-prune step": ms["ltmp"] - ms["no reduction"],

@@ -10,7 +10,6 @@ two warm-up forwards; parts nest (matching is inside the reduction), so they do 
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 from collections import defaultdict
@@ -20,10 +19,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenM
 
 import torch  # noqa: E402
 
-import ltmpctl  # noqa: E402
 from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 
-from latency_vs_flops import MODELS, calibrated, model_args, setup_line  # noqa: E402
+from latency_vs_flops import ltmp_at, model_args, setup_line  # noqa: E402
 
 # Functions the packed block calls by their module-level names, and its methods, timed as parts.
 FUNCTIONS = ("unpack_qkv", "attention_core", "pack", "attention_proj", "match")
@@ -79,9 +77,7 @@ def main() -> None:
     set_threads(args.threads)
     print(setup_line())
     for key in args.models:
-        (_, params, _), = calibrated(key, 0.5, args.threads, names=("ltmp",))
-        title, base, images = MODELS[key]()
-        model = ltmpctl.apply(copy.deepcopy(base), "ltmp", **params)
+        title, base, images, model = ltmp_at(key, 0.5, args.threads)
         for batch in args.batches:
             x = images(batch, 0)
             parts = phases(model, x, args.repeats)
