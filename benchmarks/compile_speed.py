@@ -13,7 +13,6 @@ Takes about a minute of compilation per model and shape on 2 cores.
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 
@@ -24,10 +23,9 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
 import torch  # noqa: E402
 
-import ltmpctl  # noqa: E402
 from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 
-from latency_vs_flops import MODELS, calibrated, model_args, setup_line  # noqa: E402
+from latency_vs_flops import MODELS, calibrated, compressed, model_args, setup_line  # noqa: E402
 
 
 def _seconds(f, x: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -47,9 +45,7 @@ def main() -> None:
     for key in args.models:
         methods = calibrated(key, args.target, args.threads)
         _, base, images = MODELS[key]()
-        models = {"base": base}
-        for name, params, _ in methods:
-            models[name] = ltmpctl.apply(copy.deepcopy(base), name, **params)
+        models = compressed(base, methods)
         for batch in args.batches:
             x, other = images(batch, 0), images(batch, 2)
             torch._dynamo.reset()

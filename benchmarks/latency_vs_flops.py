@@ -138,6 +138,8 @@ def prepare(key: str, target: float, threads: int | None, batches: list[int], fo
     set_threads(threads)
     _, base, images = MODELS[key]()
     methods = methods_at(base, target, images(64, 1), names)
+    if not formats:  # calibration only: no models to build, no images to verify on
+        return methods, {}
     verify = timed_images(images, batches)[:32]
     models = compressed(base, methods)
     files = {backend: {n: export(m, fmt, out / key / backend / n, verify) for n, m in models.items()}
