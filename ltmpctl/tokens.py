@@ -20,6 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+try:
+    from . import _kernels  # C, built at install where a compiler is found (setup.py)
+except ImportError:  # none: the torch forms serve, with the same values
+    _kernels = None
+
 # Reference LTMP adds this to the masked softmax in training, for numerical stability.
 TRAIN_SOFTMAX_EPS = 1e-5
 
@@ -407,6 +412,54 @@ def compact(keep: Tensor, *tensors: Tensor, min_tokens: int = 1) -> tuple[Tensor
     out = [t.reshape((B * N,) + t.shape[2:]).index_select(0, rows).reshape((B, kept) + t.shape[2:]) for t in tensors]
     alive = cols.unsqueeze(0) < counts.unsqueeze(1)  # cols is 0 .. N'-1
     return alive, out
+
+
+def fused_merge_prune(
+    x: Tensor,
+    size: Tensor,
+    num_prefix: int,
+    batch: int = 1,
+    *,
+    node_idx: Optional[Tensor] = None,
+    node_max: Optional[Tensor] = None,
+    merge_threshold: Optional[Tensor] = None,
+    src_order: Optional[Tensor] = None,
+    importance: Optional[Tensor] = None,
+    prune_threshold: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    min_width: int = 0,
+) -> Optional[tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """An eval reduction step (merge, then prune, then compaction) in one C call (`ltmpctl/_kernels.c`), or None
+    where the kernel can't serve: not built, or not an eager inference forward on float32 CPU tensors.
+
+    Bitwise the values of the torch forms it replaces in the plugins (the same operations in the same order), in a
+    fraction of their time at small batches: at deit_tiny's batch 1 LTMP's step was ~20 torch ops, ~0.3 ms a block
+    on a shared 2-core CPU, mostly their fixed costs.
+
+    x (T, C), size (T, 1): the tokens of `batch` images, packed image after image; mask: the bool padding mask
+    (batch, N) of a padded batch (real tokens first), None when every image has N = T / batch tokens. Merging:
+    `node_idx` (batch, NA), each A token's B partner (`match`), and either `src_order` (batch, R), the A tokens that
+    merge in the order they are added (ToMe), or `node_max` and `merge_threshold` (those above it merge, ascending:
+    LTMP). Pruning: `importance` (batch, N) and `prune_threshold` (a candidate is kept above it; a destination's
+    importance is the max of its own and its sources'). Returns the kept tokens, packed, in the references' order
+    (prefix, unmerged A, B) (T', C), their sizes (T', 1) and, with a mask, the new padding mask
+    (batch, max(kept, min_width)).
+    """
+    if (_kernels is None or not eager() or x.dtype != torch.float32 or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    T, C = x.shape
+    N = T // batch if mask is None else mask.shape[1]
+    # In the C function's order: x, size, importance, mask, node_max, node_idx, src_order.
+    keep = [t if t is None else t.contiguous() for t in (x, size, importance, mask, node_max, node_idx, src_order)]
+    out_x, out_size = x.new_empty(T, C), size.new_empty(T, 1)
+    out_mask = torch.empty(batch * N, dtype=torch.bool) if mask is not None else None
+    ptr = [0 if t is None else t.data_ptr() for t in keep + [out_x, out_size, out_mask]]
+    na, r = (0 if t is None else t.shape[1] for t in (node_idx, src_order))
+    thresholds = (0.0 if t is None else float(t) for t in (merge_threshold, prune_threshold))
+    kept, width = _kernels.merge_prune(*ptr[:7], batch, N, na, r, C, num_prefix, *thresholds, *ptr[7:], min_width)
+    new_mask = None if out_mask is None else out_mask[:batch * width].view(batch, width)
+    return out_x[:kept], out_size[:kept], new_mask
 
 
 def real_rows(mask: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ from ltmpctl.tokens import (
     candidate_positions,
     compact,
     eager,
+    fused_merge_prune,
     match,
     pack,
     real_rows,
@@ -108,6 +109,12 @@ class LTMPBlock(TokenBlock):
         P = self.num_prefix
         B, N = mask.shape
         node_max, node_idx = match(a.metric, P, mask)  # padding never matches
+        # A floor of prefix + 2 positions, so that the next block's A/B split has a token on each side.
+        fused = fused_merge_prune(x, size, P, B, node_idx=node_idx, node_max=node_max,
+                                  merge_threshold=self.merge_threshold, importance=a.importance,
+                                  prune_threshold=self.prune_threshold, mask=mask, min_width=P + 2)
+        if fused is not None:
+            return fused
         merge = node_max > self.merge_threshold  # (B, NA)
         src_m, dst_m = split_ab(mask, P)
         cand_imp = _candidate_importance(a.importance, node_idx, merge, P)
@@ -136,7 +143,6 @@ class LTMPBlock(TokenBlock):
         x_out.scatter_add_(0, dst_out.unsqueeze(1).expand(-1, x.shape[1]), x.index_select(0, src_rows) * src_size)
         size_out.scatter_add_(0, dst_out.unsqueeze(1), src_size)
         kept = keep.sum(dim=1)
-        # A floor of prefix + 2 positions, so that the next block's A/B split has a token on each side.
         width = max(int(kept.max()), P + 2)
         mask = torch.arange(width, device=x.device) < kept.unsqueeze(1)
         return x_out.div_(size_out), size_out, mask
@@ -180,11 +186,17 @@ class LTMPBlock(TokenBlock):
         """
         P = self.num_prefix
         N = x.shape[1]
+        matched = match(a.metric, P, None) if N - P >= 2 else None  # else nothing to match: prune only
+        node_max, node_idx = matched or (None, None)
+        fused = fused_merge_prune(x[0], size[0], P, node_idx=node_idx, node_max=node_max,
+                                  merge_threshold=self.merge_threshold, importance=a.importance,
+                                  prune_threshold=self.prune_threshold)
+        if fused is not None:
+            return fused[0].unsqueeze(0), fused[1].unsqueeze(0), None
         t = torch.cat([x * size, size], dim=-1)  # (1, N, C + 1): merged alike, gathered alike
-        if N - P < 2:  # nothing to match (an image pruned to its prefix tokens): prune only
+        if matched is None:  # an image pruned to its prefix tokens and one more
             kept = (a.importance[0] > self.prune_threshold).nonzero().squeeze(1)
         else:
-            node_max, node_idx = match(a.metric, P, None)
             merge = node_max > self.merge_threshold  # (1, NA)
             src_t, dst_t = split_ab(t, P)
             # Into t's own B rows (a strided view): merged sources add to their destination, the others add 0.

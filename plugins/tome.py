@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ltmpctl.compressor import Compressor, Knob, Params, TokenBlock, per_block
 from ltmpctl.flops import vit_shape
-from ltmpctl.tokens import AttentionOut, ascending, match, scatter_merge, split_ab
+from ltmpctl.tokens import AttentionOut, ascending, fused_merge_prune, match, scatter_merge, split_ab
 
 
 def parse_r(depth: int, r: int, inflect: float) -> list[int]:
@@ -58,6 +58,11 @@ class ToMeBlock(TokenBlock):
         node_max, node_idx = match(a.metric, P, None)  # (B, NA)
         edge_idx = node_max.topk(node_max.shape[1], dim=-1).indices  # most similar first (argsort, portably)
         src_idx = edge_idx[:, :r]  # the r most similar A tokens are merged
+        # Eager inference: the merge in one C call (same values); the torch form below for everything else.
+        fused = fused_merge_prune(x.reshape(B * N, C), size.reshape(B * N, 1), P, B, node_idx=node_idx,
+                                  src_order=src_idx)
+        if fused is not None:
+            return fused[0].view(B, N - r, C), fused[1].view(B, N - r, 1), mask
         unm_idx = ascending(edge_idx[:, r:])  # the rest keep their order
         dst_idx = node_idx.gather(1, src_idx)
 

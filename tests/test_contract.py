@@ -54,6 +54,9 @@ def _import_graph() -> dict[str, set[str]]:
     sources = _sources()
     modules = {_module_of(p): p for p in sources}
     graph: dict[str, set[str]] = {m: set() for m in modules}
+    # Compiled modules (setup.py's C extensions, e.g. ltmpctl._kernels) import nothing: leaves of the graph.
+    leaves = {_module_of(str(p.relative_to(PACKAGE))): "" for p in PACKAGE.rglob("*.c")}
+    graph.update({m: set() for m in leaves})
     for mod, path in modules.items():
         package = mod if path.endswith("__init__.py") else mod.rsplit(".", 1)[0]
         for node in ast.walk(ast.parse(sources[path])):
@@ -65,9 +68,11 @@ def _import_graph() -> dict[str, set[str]]:
                 if node.level:
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(anchor + ([base] if base else []))
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules.keys() | leaves.keys() else base
+                           for a in node.names]
             for t in targets:
-                while t and t not in modules:  # `import ltmpctl.registry` -> ltmpctl.registry; attributes -> module
+                # `import ltmpctl.registry` -> ltmpctl.registry; attributes -> module
+                while t and t not in modules and t not in leaves:
                     t = t.rpartition(".")[0]
                 if t and t != mod:
                     graph[mod].add(t)

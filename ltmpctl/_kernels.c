@@ -1,0 +1,149 @@
+/* ltmpctl._kernels: the eval-mode reduction step of LTMP and ToMe (merge, prune, compaction) as one C loop.
+
+In eager torch at batch 1 that step is ~20 tensor ops of a few hundred values each, and each op's fixed cost
+(Python, dispatch, allocation; ~10-20 us on a shared CPU) is most of its time: ~0.3 ms a deit_tiny block, 3.8 ms a
+forward (benchmarks/ltmp_overhead.py). Here it is one call that touches every value once.
+
+Exactness: the same float32 operations in the same order as the torch code it replaces (plugins/ltmp.py,
+`_reduce_single` / `_reduce_packed`; plugins/tome.py): t = x * size per token, merged sources added to their destination in
+ascending source order, then t / size. Built without -ffast-math and with -ffp-contract=off (setup.py), so no
+reassociation or fused multiply-add changes a rounding; tests/test_kernels.py checks bitwise equality.
+
+Layout: x (T, C) float32 rows of the batch's real tokens, image after image (packed); size (T,) float32;
+importance (B, N) (NULL: nothing is pruned) and the padding mask (B, N) uint8 (NULL: every image has N real tokens);
+node_max (B, NA) float32 and node_idx (B, NA) int64 from the bipartite matching (NULL: nothing is matched, prune
+only); src_order (B, R) int64 (NULL: the A tokens above merge_thr merge, ascending): the A tokens that merge, in
+the order they are added (ToMe's r most similar, most similar first). Outputs: out_x
+(T, C), out_size (T,), out_mask (B * N bytes, or NULL for none; the first B * width hold the new (B, width) mask),
+where width = max(kept per image, min_width). Returns (kept rows T', width).
+*/
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void *as_ptr(unsigned long long p) { return (void *)(uintptr_t)p; }
+
+/* One output row: (x * s) / s, as the reference computes it for a token that absorbed nothing. */
+static void copy_row(float *out, const float *x, float s, Py_ssize_t C) {
+    for (Py_ssize_t c = 0; c < C; c++) {
+        float t = x[c] * s;
+        out[c] = t / s;
+    }
+}
+
+static PyObject *merge_prune(PyObject *self, PyObject *args) {
+    unsigned long long px, psize, pimp, pmask, pmax, pidx, psrc, pox, pos, pom;
+    Py_ssize_t B, N, NA, R, C, P, min_width;
+    double merge_thr, prune_thr;
+    if (!PyArg_ParseTuple(args, "KKKKKKKnnnnnnddKKKn", &px, &psize, &pimp, &pmask, &pmax, &pidx, &psrc, &B, &N, &NA,
+                          &R, &C, &P, &merge_thr, &prune_thr, &pox, &pos, &pom, &min_width))
+        return NULL;
+    const float *x = as_ptr(px), *size = as_ptr(psize), *imp = as_ptr(pimp), *node_max = as_ptr(pmax);
+    const uint8_t *mask = as_ptr(pmask);
+    const int64_t *node_idx = as_ptr(pidx), *src_order = as_ptr(psrc);
+    float *out_x = as_ptr(pox), *out_size = as_ptr(pos);
+    uint8_t *out_mask = as_ptr(pom);
+    const int matching = node_idx != NULL;
+    /* Set A = even absolute positions >= P, set B = odd ones (tokens.split_ab). */
+    const Py_ssize_t first_a = P + P % 2, first_b = P + 1 - P % 2;
+    const Py_ssize_t NB = N > first_b ? (N - first_b + 1) / 2 : 0, NAmax = N > first_a ? (N - first_a + 1) / 2 : 0;
+    float *dst_imp = malloc(sizeof(float) * (NB + 1));
+    Py_ssize_t *dst_row = malloc(sizeof(Py_ssize_t) * (NB + 1)), *kept = malloc(sizeof(Py_ssize_t) * (B + 1));
+    uint8_t *merged = malloc(NAmax + 1);
+    if (!dst_imp || !dst_row || !kept || !merged) {
+        free(dst_imp), free(dst_row), free(kept), free(merged);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t row = 0, out = 0, width = min_width;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t b = 0; b < B; b++) {
+        Py_ssize_t n = N;
+        if (mask) {
+            n = 0;
+            for (Py_ssize_t p = 0; p < N; p++) n += mask[b * N + p] != 0;
+        }
+        const float *xb = x + row * C, *sb = size + row, *ib = imp ? imp + b * N : NULL;
+        const int64_t *jb = matching ? node_idx + b * NA : NULL, *ob = src_order ? src_order + b * R : NULL;
+        const Py_ssize_t na = n > first_a ? (n - first_a + 1) / 2 : 0, nb = n > first_b ? (n - first_b + 1) / 2 : 0;
+        const Py_ssize_t start = out;
+        /* Which A tokens merge: the given ones (ToMe's r most similar), or those above the threshold (LTMP). */
+        memset(merged, 0, na);
+        if (ob)
+            for (Py_ssize_t k = 0; k < R; k++) merged[ob[k]] = 1;
+        else if (matching)
+            for (Py_ssize_t i = 0; i < na; i++) merged[i] = node_max[b * NA + i] > merge_thr;
+        /* A destination's importance becomes the max of its own and its merged sources'. */
+        if (ib) {
+            for (Py_ssize_t j = 0; j < nb; j++) dst_imp[j] = ib[first_b + 2 * j];
+            for (Py_ssize_t i = 0; i < na; i++)
+                if (merged[i]) {
+                    float v = ib[first_a + 2 * i];
+                    Py_ssize_t j = (Py_ssize_t)jb[i];
+                    if (v > dst_imp[j]) dst_imp[j] = v;
+                }
+        }
+        /* Kept candidates in the reference's order: prefix, unmerged A, then B (all of them without importance). */
+        for (Py_ssize_t p = 0; p < P && p < n; p++)
+            if (!ib || ib[p] > prune_thr) {
+                copy_row(out_x + out * C, xb + p * C, sb[p], C);
+                out_size[out++] = sb[p];
+            }
+        for (Py_ssize_t i = 0; i < na; i++) {
+            Py_ssize_t p = first_a + 2 * i;
+            if (!merged[i] && (!ib || ib[p] > prune_thr)) {
+                copy_row(out_x + out * C, xb + p * C, sb[p], C);
+                out_size[out++] = sb[p];
+            }
+        }
+        for (Py_ssize_t j = 0; j < nb; j++) {
+            Py_ssize_t p = first_b + 2 * j;
+            dst_row[j] = -1;
+            if (!ib || dst_imp[j] > prune_thr) {
+                float *o = out_x + out * C, s = sb[p];
+                const float *xp = xb + p * C;
+                for (Py_ssize_t c = 0; c < C; c++) o[c] = xp[c] * s;
+                out_size[out] = s;
+                dst_row[j] = out++;
+            }
+        }
+        /* Sources into their (kept) destinations, in the reference's order (ascending, or ToMe's most similar
+           first); a source whose destination was pruned goes with it. */
+        Py_ssize_t n_src = ob ? R : (matching ? na : 0);
+        for (Py_ssize_t k = 0; k < n_src; k++) {
+            Py_ssize_t i = ob ? (Py_ssize_t)ob[k] : k;
+            Py_ssize_t r = merged[i] ? dst_row[jb[i]] : -1;
+            if (r < 0) continue;
+            float *o = out_x + r * C, s = sb[first_a + 2 * i];
+            const float *xp = xb + (first_a + 2 * i) * C;
+            for (Py_ssize_t c = 0; c < C; c++) o[c] += xp[c] * s;
+            out_size[r] += s;
+        }
+        for (Py_ssize_t j = 0; j < nb; j++) {
+            Py_ssize_t r = dst_row[j];
+            if (r < 0) continue;
+            float *o = out_x + r * C, s = out_size[r];
+            for (Py_ssize_t c = 0; c < C; c++) o[c] = o[c] / s;
+        }
+        kept[b] = out - start;
+        if (kept[b] > width) width = kept[b];
+        row += n;
+    }
+    if (out_mask)
+        for (Py_ssize_t b = 0; b < B; b++)
+            for (Py_ssize_t p = 0; p < width; p++) out_mask[b * width + p] = p < kept[b];
+    Py_END_ALLOW_THREADS
+    free(dst_imp), free(dst_row), free(kept), free(merged);
+    return Py_BuildValue("nn", out, width);
+}
+
+static PyMethodDef methods[] = {
+    {"merge_prune", merge_prune, METH_VARARGS, "LTMP's eval reduction step on raw float32 buffers (see the source)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

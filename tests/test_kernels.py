@@ -1,0 +1,79 @@
+"""The C reduction kernel (`ltmpctl/_kernels.c`) against the torch forms it stands in for: bitwise the same."""
+import copy
+
+import pytest
+import torch
+
+import ltmpctl
+import ltmpctl.tokens as tokens
+from conftest import tiny_vit
+
+VARIANTS = {"plain": {}, "distilled": {"distilled": True}, "registers": {"reg_tokens": 4}, "qk_norm": {"qk_norm": True}}
+
+
+def test_kernel_is_built():
+    """setup.py builds it wherever a C compiler and the Python headers are (CI's machines have both)."""
+    assert tokens._kernels is not None, "ltmpctl._kernels missing: reinstall with gcc and python3-dev present"
+
+
+def _forwards(model, images):
+    """Batch-1 forwards of every image, then one batched forward, with their per-block token counts."""
+    single, counts = [], []
+    with torch.no_grad():
+        for i in range(len(images)):
+            single.append(model(images[i:i + 1]))
+            counts.append(ltmpctl.token_counts(model))
+        single.append(model(images))
+        counts.append(ltmpctl.token_counts(model))
+    return single, counts
+
+
+# ltmp: merging and pruning, merging only, pruning only, images pruned to their prefix tokens (prune 0.05), nothing
+# reduced at all; tome: a constant r, and a schedule that merges 80% of the tokens.
+SETTINGS = [("ltmp", dict(merge_threshold=0.5, prune_threshold=0.02)), ("ltmp", dict(merge_threshold=0.3)),
+            ("ltmp", dict(merge_threshold=1.0, prune_threshold=0.02)),
+            ("ltmp", dict(merge_threshold=0.2, prune_threshold=0.05)), ("ltmp", dict(merge_threshold=1.0)),
+            ("tome", dict(r=8)), ("tome", dict(r=[20, 16, 10, 6]))]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name,params", SETTINGS)
+def test_kernel_matches_torch_bitwise(images, variant, name, params, monkeypatch):
+    """Logits and token counts at batch 1 and batched, with the kernel and with the torch forms."""
+    model = ltmpctl.apply(tiny_vit(depth=4, **VARIANTS[variant]), name, **params)
+    fused = _forwards(model, images)
+    monkeypatch.setattr(tokens, "_kernels", None)
+    plain = _forwards(copy.deepcopy(model), images)
+    for a, b in zip(fused[0] + fused[1], plain[0] + plain[1]):
+        assert torch.equal(a, b)
+    if params.get("merge_threshold") != 1.0 or params.get("prune_threshold"):
+        assert fused[1][-1][:, -1, 1].min() < fused[1][-1][0, 0, 0], "the settings should reduce tokens"
+
+
+@pytest.mark.parametrize("name,params", [SETTINGS[0], SETTINGS[5]])
+def test_kernel_is_used_and_stays_out_of_autograd(images, name, params, monkeypatch):
+    """Eager no-grad eval forwards call it once per block; a forward that records gradients keeps the torch form."""
+    model = ltmpctl.apply(tiny_vit(depth=4), name, **params)
+    calls = []
+    real = tokens._kernels.merge_prune
+    monkeypatch.setattr(tokens, "_kernels", type("K", (), {"merge_prune": staticmethod(
+        lambda *a: calls.append(a) or real(*a))}))
+    with torch.no_grad():
+        model(images[:1])
+        model(images)
+    assert len(calls) == 2 * 4
+    calls.clear()
+    out = model(images[:1])  # eval mode with autograd on: gradients must still flow to the input's producers
+    assert not calls and out.requires_grad
+
+
+def test_ltmp_kernel_pruned_to_prefix_then_prune_only(monkeypatch):
+    """A token sequence of prefix + 1 (nothing to match) through the kernel: the prune-only case of batch 1."""
+    torch.manual_seed(0)
+    x, size = torch.randn(3, 8), torch.tensor([[1.0], [2.0], [3.0]])
+    imp = torch.tensor([[float("inf"), float("inf"), 0.5]])
+    out = tokens.fused_merge_prune(x, size, 2, importance=imp, prune_threshold=torch.tensor(0.4))
+    assert out is not None and out[2] is None
+    torch.testing.assert_close(out[0], x * size / size, atol=0, rtol=0)
+    out = tokens.fused_merge_prune(x, size, 2, importance=imp, prune_threshold=torch.tensor(0.6))
+    assert out[0].shape == (2, 8) and torch.equal(out[1], size[:2])
