@@ -26,12 +26,32 @@ where width = max(kept per image, min_width). Returns (kept rows T', width).
 
 static void *as_ptr(unsigned long long p) { return (void *)(uintptr_t)p; }
 
+/* Row loops, vectorised for the widest vector unit found at run time (the same IEEE roundings in any width). */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define VECTOR __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR
+#endif
+
 /* One output row: (x * s) / s, as the reference computes it for a token that absorbed nothing. */
-static void copy_row(float *out, const float *x, float s, Py_ssize_t C) {
-    for (Py_ssize_t c = 0; c < C; c++) {
-        float t = x[c] * s;
-        out[c] = t / s;
+VECTOR static void copy_row(float *restrict out, const float *restrict x, float s, Py_ssize_t C) {
+    if (s == 1.0f) {  /* x * 1 / 1 is x exactly: no division (most tokens of LTMP's early blocks) */
+        memcpy(out, x, sizeof(float) * C);
+        return;
     }
+    for (Py_ssize_t c = 0; c < C; c++) out[c] = (x[c] * s) / s;
+}
+
+VECTOR static void scale_row(float *restrict out, const float *restrict x, float s, Py_ssize_t C) {
+    for (Py_ssize_t c = 0; c < C; c++) out[c] = x[c] * s;
+}
+
+VECTOR static void add_scaled_row(float *restrict out, const float *restrict x, float s, Py_ssize_t C) {
+    for (Py_ssize_t c = 0; c < C; c++) out[c] += x[c] * s;
+}
+
+VECTOR static void divide_row(float *restrict out, float s, Py_ssize_t C) {
+    for (Py_ssize_t c = 0; c < C; c++) out[c] /= s;
 }
 
 static PyObject *merge_prune(PyObject *self, PyObject *args) {
@@ -102,10 +122,8 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
             Py_ssize_t p = first_b + 2 * j;
             dst_row[j] = -1;
             if (!ib || dst_imp[j] > prune_thr) {
-                float *o = out_x + out * C, s = sb[p];
-                const float *xp = xb + p * C;
-                for (Py_ssize_t c = 0; c < C; c++) o[c] = xp[c] * s;
-                out_size[out] = s;
+                scale_row(out_x + out * C, xb + p * C, sb[p], C);
+                out_size[out] = sb[p];
                 dst_row[j] = out++;
             }
         }
@@ -116,16 +134,12 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
             Py_ssize_t i = ob ? (Py_ssize_t)ob[k] : k;
             Py_ssize_t r = merged[i] ? dst_row[jb[i]] : -1;
             if (r < 0) continue;
-            float *o = out_x + r * C, s = sb[first_a + 2 * i];
-            const float *xp = xb + (first_a + 2 * i) * C;
-            for (Py_ssize_t c = 0; c < C; c++) o[c] += xp[c] * s;
-            out_size[r] += s;
+            add_scaled_row(out_x + r * C, xb + (first_a + 2 * i) * C, sb[first_a + 2 * i], C);
+            out_size[r] += sb[first_a + 2 * i];
         }
         for (Py_ssize_t j = 0; j < nb; j++) {
             Py_ssize_t r = dst_row[j];
-            if (r < 0) continue;
-            float *o = out_x + r * C, s = out_size[r];
-            for (Py_ssize_t c = 0; c < C; c++) o[c] = o[c] / s;
+            if (r >= 0) divide_row(out_x + r * C, out_size[r], C);
         }
         kept[b] = out - start;
         if (kept[b] > width) width = kept[b];
