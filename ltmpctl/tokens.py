@@ -44,7 +44,7 @@ def eager() -> bool:
 
 
 # Token tensors up to this many elements (B x N x C) have their attention core run on one thread; see `serial`.
-SERIAL_ELEMENTS = 1 << 16
+SERIAL_ELEMENTS = 1 << 14
 # ... and their reduction step (matching, merging, pruning, compaction), which has no product worth a second thread.
 SERIAL_REDUCE_ELEMENTS = 1 << 20
 
@@ -53,11 +53,14 @@ SERIAL_REDUCE_ELEMENTS = 1 << 20
 def serial(x: Tensor, reduce_ops: bool = False) -> Iterator[None]:
     """Run the block's own small ops on one thread when its tokens `x` are few (eager only; a no-op elsewhere).
 
-    The compressors' work between timm's layers (attention products of a few hundred tokens, matching, merging,
-    compaction) is too small to gain from a second thread, and with OpenMP's passive waiting every kernel that goes
-    parallel pays for waking it: on a 2-core machine at deit_tiny's sizes (`benchmarks/serial_scope.py --kernels`), the
-    (98 x 64) @ (64 x 98) matching product takes 116 us on two threads and 27 us on one, a softmax over (3, 100, 100)
-    74 vs 31 us; only q @ k^T over all 197 tokens is slower on one (256 vs 205 us), and whole blocks still gain.
+    The compressors' work between timm's layers (attention products of up to ~85 tokens at deit_tiny's width,
+    matching, merging, compaction) is too small to gain from a second thread, and with OpenMP's passive waiting every
+    kernel that goes parallel pays for waking it: on a 2-core machine at deit_tiny's sizes
+    (`benchmarks/serial_scope.py --kernels`), the (98 x 64) @ (64 x 98) matching product takes 116 us on two threads
+    and 27 us on one, a softmax over (3, 100, 100) 74 vs 31 us. Attention over 100 or more tokens of that width gains
+    from the second thread (`benchmarks/attention_kernels.py`: 149 tokens, 0.28 ms on two, 0.45 on one), hence the
+    16k-value bound for the attention core (at 64k, deit_tiny's batch-1 latency ratio was 0.02-0.05 worse for tome
+    and topk on a 2-core AMD EPYC VM, interleaved runs of 30-80 forwards).
     Switching costs well under a microsecond. The values are bitwise those of the threaded run on deit_tiny, the demo
     and the test models (products and softmax rows are computed whole by one thread either way). timm's own layers
     (qkv, proj, MLP, norms) keep the caller's thread count. The count is process-wide: another Python thread running
@@ -132,8 +135,8 @@ def attention_core(
     bias = key_bias(size, mask, prop_attn, fast)  # (B, 1, 1, N) or None
 
     imp = None
-    if importance is None and mask is None and attn.fused_attn:
-        # Fast path (tome, topk, identity): the fused kernel, nothing but the output needed.
+    if importance is None and mask is None and attn.fused_attn and not (fast and explicit_wins(B, N)):
+        # Fast path (tome, identity): the fused kernel, nothing but the output needed.
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
@@ -149,6 +152,23 @@ def attention_core(
     # the head sum serves (the mean's extra division makes it twice as slow on this strided view of qkv).
     metric = k.sum(1) if need_metric else None
     return AttentionOut(o, imp, metric)
+
+
+# Batched attention over at most this many tokens runs faster as explicit products than as torch's fused CPU kernel.
+EXPLICIT_MAX_TOKENS = 128
+
+
+def explicit_wins(batch: int, tokens: int) -> bool:
+    """Whether explicit attention (one batched GEMM with the key bias, softmax, one batched GEMM) beats
+    `scaled_dot_product_attention` on CPU for `batch` images of `tokens` tokens.
+
+    Measured per shape (`benchmarks/attention_kernels.py`, 2-core AMD EPYC VM, 2 threads): the fused kernel's fixed
+    cost per (image, head) dominates short sequences, so for batches of up to ~100 tokens the explicit form takes
+    0.54-0.96x its time (the demo's 50 tokens at batch 64: 1.9 vs 2.8 ms; deit_tiny's 101 at batch 32: 3.6 vs 4.2
+    ms), while from ~150 tokens, and at batch 1 at every length, the fused kernel wins (deit_tiny's 149 at batch 32:
+    7.3 vs 9.1 ms; 197: 10.7 vs 29.5 ms). Values differ by rounding only (~1e-6).
+    """
+    return batch > 1 and tokens <= EXPLICIT_MAX_TOKENS
 
 
 def attention_probs(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor], mask: Optional[Tensor],

@@ -205,3 +205,25 @@ def test_unknown_compressor_and_unsupported_models():
     model = ltmpctl.apply(tiny_vit(), "tome", r=2)
     with pytest.raises(ModelError, match="already compressed with tome"):
         ltmpctl.apply(model, "topk")
+
+
+def test_attention_kernel_follows_the_shape(images, monkeypatch):
+    """Eager eval attention that needs only its output (tome) takes the explicit products for batches of short
+    sequences and the fused kernel at batch 1 (`tokens.explicit_wins`); both give the same logits to rounding."""
+    import torch.nn.functional as F
+
+    import ltmpctl.tokens as tokens
+
+    model = ltmpctl.apply(tiny_vit(), "tome", r=8)
+    fused_calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        explicit = model(images)  # 6 images of 65 tokens: explicit
+        assert fused_calls == []
+        model(images[:1])
+        assert len(fused_calls) == len(model.blocks)  # batch 1: fused in every block
+        monkeypatch.setattr(tokens, "EXPLICIT_MAX_TOKENS", 0)
+        fused = model(images)
+    assert len(fused_calls) == 2 * len(model.blocks)
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
