@@ -80,7 +80,7 @@ def evaluate(models: dict[str, torch.nn.Module], batches: Iterable[tuple[torch.T
     """
     tallies = {label: _Tally(m.eval()) for label, m in models.items()}
     order = list(tallies.values())
-    with torch.no_grad():
+    with torch.inference_mode():  # no autograd state per op: the same values, fewer host-side costs
         for i, (images, labels) in enumerate(batches):
             images, labels = images.to(device), labels.to(device)
             for tally in (order if i % 2 == 0 else order[::-1]):
