@@ -57,10 +57,11 @@ def serial(x: Tensor, reduce_ops: bool = False) -> Iterator[None]:
     matching, merging, compaction) is too small to gain from a second thread, and with OpenMP's passive waiting every
     kernel that goes parallel pays for waking it: on a 2-core machine at deit_tiny's sizes
     (`benchmarks/serial_scope.py --kernels`), the (98 x 64) @ (64 x 98) matching product takes 116 us on two threads
-    and 27 us on one, a softmax over (3, 100, 100) 74 vs 31 us. Attention over 100 or more tokens of that width gains
-    from the second thread (`benchmarks/attention_kernels.py`: 149 tokens, 0.28 ms on two, 0.45 on one), hence the
-    16k-value bound for the attention core (at 64k, deit_tiny's batch-1 latency ratio was 0.02-0.05 worse for tome
-    and topk on a 2-core AMD EPYC VM, interleaved runs of 30-80 forwards).
+    and 27 us on one, a softmax over (3, 100, 100) 74 vs 31 us. The attention core's bound is 16k values (deit_tiny's
+    blocks of up to ~85 tokens at batch 1): with 64k (every deit_tiny batch-1 block), tome's and topk's deit_tiny
+    batch-1 latency ratios were 0.03-0.07 worse and ltmp's 0.01-0.05 (2-core AMD EPYC VM, three interleaved runs of
+    30-80 forwards). Single attention kernels timed in a loop go either way with the host's load
+    (`benchmarks/attention_kernels.py --threads 1` vs `--threads 2`), so the bound is set by the whole forward.
     Switching costs well under a microsecond. The values are bitwise those of the threaded run on deit_tiny, the demo
     and the test models (products and softmax rows are computed whole by one thread either way). timm's own layers
     (qkv, proj, MLP, norms) keep the caller's thread count. The count is process-wide: another Python thread running
