@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from typing import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenMP (shared/SETUP.md)
@@ -22,7 +21,7 @@ import torch  # noqa: E402
 from timm.models.vision_transformer import Attention  # noqa: E402
 
 import ltmpctl.tokens as tokens  # noqa: E402
-from ltmpctl.bench.local import set_threads  # noqa: E402
+from ltmpctl.bench.local import interleaved, set_threads  # noqa: E402
 
 from latency_vs_flops import model_args, setup_line  # noqa: E402
 
@@ -43,15 +42,9 @@ def attention_fn(attn: Attention, qkv: torch.Tensor, size: torch.Tensor, explici
 
 
 def interleaved_ms(fns: list[Callable[[], object]], repeats: int, warmup: int = 5) -> list[float]:
-    """Median ms of each of `fns`, called in turn."""
-    times: list[list[float]] = [[] for _ in fns]
-    for i in range(warmup + repeats):
-        for f, t in zip(fns, times):
-            start = time.perf_counter()
-            f()
-            if i >= warmup:
-                t.append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e3 for t in times]
+    """Median ms of each of `fns`, called in turn (`ltmpctl.bench.local.interleaved`) after `warmup` untimed rounds."""
+    interleaved(fns, warmup, lambda: None)
+    return [statistics.median(t) * 1e3 for t in interleaved(fns, repeats, lambda: None)]
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ def random_batch(input_shape: Sequence[int], batch: int, seed: int = 0) -> torch
     return torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(seed))
 
 
-def _interleaved(runs: Sequence[Callable[[], Any]], repeats: int, sync: Callable[[], None]) -> list[list[float]]:
+def interleaved(runs: Sequence[Callable[[], Any]], repeats: int, sync: Callable[[], None]) -> list[list[float]]:
     """Seconds per call of each run, `repeats` rounds of one call each in turn.
 
     Round-robin rather than one model after the other, so that whatever else the machine does meanwhile (another
@@ -147,7 +147,7 @@ def bench_torch_models(models: Sequence[torch.nn.Module], input_shape: Sequence[
                 model(x)
             _sync(dev)
             peaks.append(torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _maxrss_mb() - rss0)
-        times = _interleaved([lambda m=m: m(x) for m in models], repeats, lambda: _sync(dev))
+        times = interleaved([lambda m=m: m(x) for m in models], repeats, lambda: _sync(dev))
     name = f"{dev.type}:{dev.index or 0}" if dev.type == "cuda" else "cpu"
     return [make_row(backend="torch", device=name, batch=batch, threads=used if dev.type == "cpu" else None,
                      warmup=warmup, repeats=repeats, stats=summarize(t, batch), peak_mem_mb=peak,
@@ -232,7 +232,7 @@ def bench_onnx_files(paths: Sequence[str | Path], input_shape: Sequence[int], ba
         runs.append(run)
         peaks.append(_maxrss_mb() - rss0)
         devices.append("cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu")
-    times = _interleaved(runs, repeats, lambda: None)
+    times = interleaved(runs, repeats, lambda: None)
     return [make_row(backend="onnxruntime", device=d, batch=batch, threads=threads, warmup=warmup, repeats=repeats,
                      stats=summarize(t, batch), peak_mem_mb=peak, timing="per-iteration")
             for t, peak, d in zip(times, peaks, devices)]
@@ -255,7 +255,7 @@ def bench_pte_files(paths: Sequence[str | Path], input_shape: Sequence[int], war
         for _ in range(warmup):
             run(x)
         runs.append(lambda r=run: r(x))
-    times = _interleaved(runs, repeats, lambda: None)
+    times = interleaved(runs, repeats, lambda: None)
     return [make_row(backend="executorch", device="cpu", batch=1, threads=None, warmup=warmup, repeats=repeats,
                      stats=summarize(t, 1), peak_mem_mb=None, timing="per-iteration") for t in times]
 
