@@ -68,6 +68,30 @@ def test_ltmp_batched_equals_batch1_with_different_counts(images, variant):
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
 
 
+def test_ltmp_traced_batch_runs_the_mlp_on_real_tokens_only(images, monkeypatch):
+    """The form exports trace (a padded batch with a bool mask) gathers each block's real tokens for the MLP: fc1
+    sees the images' own token counts, not the widest image's, and every image still gets its batch-1 answer."""
+    import sys
+
+    model = ltmpctl.apply(tiny_vit(depth=4), "ltmp", merge_threshold=[0.5, 0.45, 0.4, 0.4],
+                          prune_threshold=[0.0153, 0.02, 0.03, 0.04])
+    with torch.no_grad():
+        single = torch.cat([model(images[i:i + 1]) for i in range(len(images))])
+        model(images)
+    kept = ltmpctl.token_counts(model)[:, :, 1]  # (B, depth): tokens into each block's MLP
+    assert (kept.amax(0) * len(images) > kept.sum(0)).any(), "test needs images that keep different counts"
+    rows = []
+    for blk in model.blocks:
+        blk.mlp.fc1.register_forward_hook(lambda m, i, o: rows.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
+    # Every module takes the branches a trace takes (as under torch.export), run eagerly so the hooks see them.
+    for module in ("ltmpctl.tokens", "ltmpctl.compressor", type(model.blocks[0]).__module__):
+        monkeypatch.setattr(sys.modules[module], "eager", lambda: False)
+    with torch.no_grad():
+        traced = model(images)
+    assert rows == kept.sum(0).int().tolist()
+    torch.testing.assert_close(traced, single, atol=1e-5, rtol=0)
+
+
 def test_serial_scope_is_one_thread_only_for_small_eager_tokens():
     from ltmpctl.tokens import SERIAL_ELEMENTS, serial
 
