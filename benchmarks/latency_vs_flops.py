@@ -10,7 +10,8 @@ timed on other images of the same kind; base and compressed models run interleav
 Calibration and exports run in a separate process: the timing process only builds the models and times them.
 FLOPs = ltmpctl's analytic MACs of the tokens each timed image keeps, as a fraction of the unreduced model's;
 exec = what the batched forward really computes (`ltmpctl.flops.executed_macs`: ltmp runs attention's n x n
-products padded to the batch's widest image), equal to FLOPs at batch 1. lat/FLOPs = latency ratio / FLOPs ratio
+products padded to the batch's widest image in eager, and its whole attention half so in the ONNX graph), equal
+to FLOPs at batch 1. lat/FLOPs = latency ratio / FLOPs ratio
 (1.00 = time falls exactly with FLOPs). bound = the latency ratio with zero reduction overhead: the base model's own
 blocks fed the compressor's token schedule by plain slicing (torch rows where every image of the batch keeps the
 same counts; shared/SPEED.md). ops/blk = aten ops called from Python per forward, over the blocks (torch rows; the
@@ -188,9 +189,11 @@ def measure(key: str, args: argparse.Namespace, tmp: Path) -> tuple[list[dict], 
                                                        args.warmup, args.repeats, images=x)
         for i, (name, model) in enumerate(models.items()):
             ratio, executed = batch_ratios(model, x)  # one forward on the timed batch
+            exported = batch_ratios(model, x, exported=True)[1]  # what the ONNX graph computes on it
             ops = op_count(model, x) / depth
             for backend, backend_rows in by_backend.items():
-                rows.append({"model": label, "method": name, "params": params[name], "exec_ratio": executed,
+                rows.append({"model": label, "method": name, "params": params[name],
+                             "exec_ratio": exported if backend == "onnxruntime" else executed,
                              "ops_per_block": ops if backend == "torch" else None,
                              "bound": bound_ratio.get(name) if backend == "torch" else None,
                              **compare_rows(backend_rows[0], backend_rows[i], ratio)})

@@ -142,31 +142,35 @@ def measured_ratio(model: torch.nn.Module, images: Tensor, batch_size: int = 64)
     return sum(macs) / len(macs) / base_macs(vit_shape(model))
 
 
-def padded_macs(s: ViTShape, n: Number, merging: bool) -> Number:
+def padded_macs(s: ViTShape, n: Number, merging: bool, exported: bool = False) -> Number:
     """The part of a block's MACs that a padded batch computes at its widest image's count n: attention's two
     n x n products and the matching similarity. Every other layer is per token and runs on the real tokens
-    only (`ltmpctl.tokens.pack`)."""
+    only (`ltmpctl.tokens.pack`). `exported`: a traced graph of a padded batch (ONNX), which runs the whole
+    attention half (norm1, qkv, proj too) padded and gathers the real tokens for the MLP only
+    (`TokenBlock._mlp_gathers`)."""
+    if exported:
+        return attention_macs(s, n) + (merge_macs(s, n) if merging else 0.0)
     return 2 * n * n * s.attn_dim + (merge_macs(s, n) if merging else 0.0)
 
 
-def executed_macs(model: torch.nn.Module, counts: Tensor) -> float:
+def executed_macs(model: torch.nn.Module, counts: Tensor, exported: bool = False) -> float:
     """Mean MACs per image that one batched eval forward with token counts `counts` (B, depth, 2) computes:
     each image's own MACs, with the padded part (`padded_macs`) of every block at the batch's widest count."""
     s, merging = vit_shape(model), is_merging(model)
     widest = counts[:, :, 0].amax(dim=0).tolist()  # tokens into each block's attention, widest image
-    pad = sum(float(padded_macs(s, n, merging)) for n in widest)
-    own = [m - sum(float(padded_macs(s, n, merging)) for n in c[:, 0].tolist()) + pad
+    pad = sum(float(padded_macs(s, n, merging, exported)) for n in widest)
+    own = [m - sum(float(padded_macs(s, n, merging, exported)) for n in c[:, 0].tolist()) + pad
            for m, c in zip(image_macs(model, counts), counts.cpu())]
     return sum(own) / len(own)
 
 
-def batch_ratios(model: torch.nn.Module, images: Tensor) -> tuple[float, float]:
+def batch_ratios(model: torch.nn.Module, images: Tensor, exported: bool = False) -> tuple[float, float]:
     """(mean per image, executed) FLOPs fractions of one batched eval forward over `images`; (1.0, 1.0) unpatched.
 
     The mean is `measured_ratio`'s (batching doesn't change what an image keeps). Executed is what the forward
     really computed per image (`executed_macs`): where images of a batch keep different counts (ltmp), attention's
     n x n products run padded to the widest image, so it is >= the mean, and equal at batch 1 and for
-    static-count compressors.
+    static-count compressors. `exported`: what the exported graph (ONNX) computes on that batch instead of eager.
     """
     if not hasattr(model, "ltmpctl_compressor"):
         return 1.0, 1.0
@@ -177,7 +181,7 @@ def batch_ratios(model: torch.nn.Module, images: Tensor) -> tuple[float, float]:
         model(images.to(next(model.parameters()).device))
     counts = token_counts(model)  # (B, depth, 2)
     base = base_macs(vit_shape(model))
-    return sum(image_macs(model, counts)) / len(counts) / base, executed_macs(model, counts) / base
+    return sum(image_macs(model, counts)) / len(counts) / base, executed_macs(model, counts, exported) / base
 
 
 def fvcore_macs(model: torch.nn.Module, images: Tensor) -> float:

@@ -290,15 +290,16 @@ def _bench(ctx: Context, base: torch.nn.Module, compressed: torch.nn.Module, dsp
     onnx_files = _onnx_pair(ctx, base, dspec, data_config) if "onnxruntime" in cfg.backends else None
     for batch in cfg.batch_sizes:
         x = images[:batch]
-        _, executed = batch_ratios(compressed, x.to(ctx.device))
-        timed = []
+        timed = []  # (base row, compressed row, what the compressed forward executed)
         if "torch" in cfg.backends:
-            timed.append(bench_torch_models([base, compressed], shape, batch, cfg.warmup, cfg.repeats,
-                                            ctx.device.type, ctx.recipe.threads, images=x))
+            timed.append((*bench_torch_models([base, compressed], shape, batch, cfg.warmup, cfg.repeats,
+                                              ctx.device.type, ctx.recipe.threads, images=x),
+                          batch_ratios(compressed, x.to(ctx.device))[1]))
         if onnx_files is not None:
-            timed.append(bench_onnx_files(onnx_files, shape, batch, cfg.warmup, cfg.repeats, ctx.recipe.threads,
-                                          images=x))
-        for b, c in timed:
+            timed.append((*bench_onnx_files(onnx_files, shape, batch, cfg.warmup, cfg.repeats, ctx.recipe.threads,
+                                            images=x),
+                          batch_ratios(compressed, x.to(ctx.device), exported=True)[1]))
+        for b, c, executed in timed:
             c["input"] = b["input"] = "run images"
             c["executed_flops_ratio"] = executed
             rows.append({"base": b, "compressed": compare_rows(b, c, ratio)})

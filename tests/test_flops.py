@@ -12,7 +12,7 @@ import ltmpctl.cli.commands  # noqa: F401  (registers the commands)
 from ltmpctl import demo
 from ltmpctl.analysis import TOLERANCE, analyze_flops
 from ltmpctl.cli import app
-from ltmpctl.flops import base_macs, batch_ratios, fvcore_macs, is_merging, measured_ratio, model_macs, vit_shape
+from ltmpctl.flops import LN, base_macs, batch_ratios, fvcore_macs, is_merging, measured_ratio, model_macs, vit_shape
 
 VARIANTS = {"plain": {}, "distilled": {"distilled": True}, "qk_norm": {"qk_norm": True}}
 COMPRESSORS = [
@@ -100,6 +100,27 @@ def test_batch_ratios_mean_and_what_the_packed_batch_computes(images):
     static = ltmpctl.apply(tiny_vit(), "topk", keep_rate=0.5)
     assert batch_ratios(static, images)[1] == pytest.approx(measured_ratio(static, images))
     assert batch_ratios(tiny_vit(), images) == (1.0, 1.0)
+
+
+def test_batch_ratios_of_the_exported_graph(images, monkeypatch):
+    """What an exported graph computes on a padded batch: the attention half at the widest image's counts, the MLP
+    on the real tokens (`TokenBlock._mlp_gathers`), checked against the multiply-adds of the traced form."""
+    import sys
+
+    model = ltmpctl.apply(tiny_vit(), "ltmp", merge_threshold=0.5, prune_threshold=0.01)
+    base = base_macs(vit_shape(model))
+    mean, executed = batch_ratios(model, images)
+    mean_x, exported = batch_ratios(model, images, exported=True)
+    assert mean_x == mean and exported > executed
+    n_attn = ltmpctl.token_counts(model)[:, :, 0]  # (B, depth), from the last (batched) forward
+    # torch's counter has no norms: take the padded rows' norm1 (LN MACs a value) out of the formula's difference.
+    norm1 = LN * vit_shape(model).dim * float((n_attn.amax(0) - n_attn).sum())
+    single = sum(_matmul_macs(model, images[i:i + 1]) for i in range(len(images)))
+    for module in ("ltmpctl.tokens", "ltmpctl.compressor", type(model.blocks[0]).__module__):
+        monkeypatch.setattr(sys.modules[module], "eager", lambda: False)  # the branches a trace takes
+    padding = _matmul_macs(model, images) - single
+    # rel: the matching product, as above.
+    assert padding == pytest.approx((exported - mean) * base * len(images) - norm1, rel=1e-3)
 
 
 def test_analyze_flops_totals_add_up(images):

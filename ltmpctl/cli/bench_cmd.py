@@ -150,15 +150,17 @@ def _bench_exported_pair(backend: str, base: Any, compressed: Optional[Any], inp
             return bench_onnx_files(files, input_size, x.shape[0], opts.warmup, opts.repeats, opts.threads,
                                     providers, images=x)
 
-        return _pair_rows(timed, compressed, input_size, opts, flops_ratio, label, images)
+        return _pair_rows(timed, compressed, input_size, opts, flops_ratio, label, images,
+                          exported=backend == "onnxruntime")
 
 
 def _pair_rows(timed: Callable[[Any], list[dict[str, Any]]], compressed: Optional[Any],
                input_size: tuple[int, ...], opts: _Opts, flops_ratio: Optional[float], label: str,
-               images: Optional[Any]) -> list[dict[str, Any]]:
+               images: Optional[Any], exported: bool = False) -> list[dict[str, Any]]:
     """Rows of `timed(batch)` (base, then compressed) at each batch size, the compressed row compared with the base
     row on the very batch that was timed (token counts can depend on the input). Executed: what that forward
-    computed (data-dependent compressors run attention's n x n products at the batch's widest image)."""
+    computed (data-dependent compressors run attention's n x n products at the batch's widest image; `exported`:
+    the ONNX graph's forward, `ltmpctl.flops.batch_ratios`)."""
     from ..bench.local import compare_rows, random_batch
     from ..flops import batch_ratios
 
@@ -173,7 +175,7 @@ def _pair_rows(timed: Callable[[Any], list[dict[str, Any]]], compressed: Optiona
         if compressed is None:
             continue
         c = {"model": label, "input": source, **timed_rows[1]}
-        mean, c["executed_flops_ratio"] = batch_ratios(compressed, x)
+        mean, c["executed_flops_ratio"] = batch_ratios(compressed, x, exported)
         rows.append(compare_rows(b, c, flops_ratio if flops_ratio is not None else mean))
     return rows
 
