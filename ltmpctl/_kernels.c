@@ -12,7 +12,9 @@ reassociation or fused multiply-add changes a rounding; tests/test_kernels.py ch
 Layout: x (T, C) float32 rows of the batch's real tokens, image after image (packed); size (T,) float32;
 importance (B, N) (NULL: nothing is pruned) and the padding mask (B, N) uint8 (NULL: every image has N real tokens);
 node_max (B, NA) float32 and node_idx (B, NA) int64 from the bipartite matching (NULL: nothing is matched, prune
-only); src_order (B, R) int64 (NULL: the A tokens above merge_thr merge, ascending): the A tokens that merge, in
+only), or instead scores (B, NA, NB) float32, the matching's similarities (padded like the mask: each image's real
+A rows and B columns come first), whose row maxima over the image's real B columns the kernel takes itself (ties and
+NaN as torch's max(dim): the first); src_order (B, R) int64 (NULL: the A tokens above merge_thr merge, ascending): the A tokens that merge, in
 the order they are added (ToMe's r most similar, most similar first). Outputs: out_x
 (T, C), out_size (T,), out_mask (B * N bytes, or NULL for none; the first B * width hold the new (B, width) mask),
 where width = max(kept per image, min_width). Returns (kept rows T', width).
@@ -54,27 +56,39 @@ VECTOR static void divide_row(float *restrict out, float s, Py_ssize_t C) {
     for (Py_ssize_t c = 0; c < C; c++) out[c] /= s;
 }
 
+/* The first maximum of a row of n >= 1 values, and its index; a NaN is a maximum (torch's max(dim) and argmax). */
+static Py_ssize_t row_argmax(const float *v, Py_ssize_t n, float *best) {
+    Py_ssize_t idx = 0;
+    float m = v[0];
+    for (Py_ssize_t j = 1; j < n && !isnan(m); j++)
+        if (v[j] > m || isnan(v[j])) m = v[j], idx = j;
+    *best = m;
+    return idx;
+}
+
 static PyObject *merge_prune(PyObject *self, PyObject *args) {
-    unsigned long long px, psize, pimp, pmask, pmax, pidx, psrc, pox, pos, pom;
+    unsigned long long px, psize, pimp, pmask, pmax, pidx, pscores, psrc, pox, pos, pom;
     Py_ssize_t B, N, NA, R, C, P, min_width;
     double merge_thr, prune_thr;
-    if (!PyArg_ParseTuple(args, "KKKKKKKnnnnnnddKKKn", &px, &psize, &pimp, &pmask, &pmax, &pidx, &psrc, &B, &N, &NA,
-                          &R, &C, &P, &merge_thr, &prune_thr, &pox, &pos, &pom, &min_width))
+    if (!PyArg_ParseTuple(args, "KKKKKKKKnnnnnnddKKKn", &px, &psize, &pimp, &pmask, &pmax, &pidx, &pscores, &psrc, &B,
+                          &N, &NA, &R, &C, &P, &merge_thr, &prune_thr, &pox, &pos, &pom, &min_width))
         return NULL;
     const float *x = as_ptr(px), *size = as_ptr(psize), *imp = as_ptr(pimp), *node_max = as_ptr(pmax);
+    const float *scores = as_ptr(pscores);
     const uint8_t *mask = as_ptr(pmask);
     const int64_t *node_idx = as_ptr(pidx), *src_order = as_ptr(psrc);
     float *out_x = as_ptr(pox), *out_size = as_ptr(pos);
     uint8_t *out_mask = as_ptr(pom);
-    const int matching = node_idx != NULL;
+    const int matching = node_idx != NULL || scores != NULL;
     /* Set A = even absolute positions >= P, set B = odd ones (tokens.split_ab). */
     const Py_ssize_t first_a = P + P % 2, first_b = P + 1 - P % 2;
     const Py_ssize_t NB = N > first_b ? (N - first_b + 1) / 2 : 0, NAmax = N > first_a ? (N - first_a + 1) / 2 : 0;
     float *dst_imp = malloc(sizeof(float) * (NB + 1));
     Py_ssize_t *dst_row = malloc(sizeof(Py_ssize_t) * (NB + 1)), *kept = malloc(sizeof(Py_ssize_t) * (B + 1));
     uint8_t *merged = malloc(NAmax + 1);
-    if (!dst_imp || !dst_row || !kept || !merged) {
-        free(dst_imp), free(dst_row), free(kept), free(merged);
+    int64_t *own_idx = malloc(sizeof(int64_t) * (NAmax + 1));  /* an image's matches, taken from scores */
+    if (!dst_imp || !dst_row || !kept || !merged || !own_idx) {
+        free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx);
         return PyErr_NoMemory();
     }
     Py_ssize_t row = 0, out = 0, width = min_width;
@@ -86,14 +100,20 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
             for (Py_ssize_t p = 0; p < N; p++) n += mask[b * N + p] != 0;
         }
         const float *xb = x + row * C, *sb = size + row, *ib = imp ? imp + b * N : NULL;
-        const int64_t *jb = matching ? node_idx + b * NA : NULL, *ob = src_order ? src_order + b * R : NULL;
+        const int64_t *jb = node_idx ? node_idx + b * NA : own_idx, *ob = src_order ? src_order + b * R : NULL;
         const Py_ssize_t na = n > first_a ? (n - first_a + 1) / 2 : 0, nb = n > first_b ? (n - first_b + 1) / 2 : 0;
         const Py_ssize_t start = out;
         /* Which A tokens merge: the given ones (ToMe's r most similar), or those above the threshold (LTMP). */
         memset(merged, 0, na);
         if (ob)
             for (Py_ssize_t k = 0; k < R; k++) merged[ob[k]] = 1;
-        else if (matching)
+        else if (scores && nb > 0)
+            for (Py_ssize_t i = 0; i < na; i++) {
+                float best;
+                own_idx[i] = row_argmax(scores + (b * NA + i) * NB, nb, &best);
+                merged[i] = best > merge_thr;
+            }
+        else if (node_idx)
             for (Py_ssize_t i = 0; i < na; i++) merged[i] = node_max[b * NA + i] > merge_thr;
         /* A destination's importance becomes the max of its own and its merged sources'. */
         if (ib) {
@@ -149,7 +169,7 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
         for (Py_ssize_t b = 0; b < B; b++)
             for (Py_ssize_t p = 0; p < width; p++) out_mask[b * width + p] = p < kept[b];
     Py_END_ALLOW_THREADS
-    free(dst_imp), free(dst_row), free(kept), free(merged);
+    free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx);
     return Py_BuildValue("nn", out, width);
 }
 

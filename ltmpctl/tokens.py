@@ -336,19 +336,26 @@ def _check_nonempty(na: int, nb: int) -> None:
     torch._check(na * nb >= na)
 
 
-def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Each A token's most similar B token by cosine similarity of `metric`: (node_max, node_idx), (B, NA) each.
-
-    Padding (bool mask) can neither match nor be matched (-inf). A float train mask zeroes dead tokens' metric,
-    as the reference does, so their similarity is 0.
-    """
+def similarity(metric: Tensor, num_prefix: int, mask: Optional[Tensor] = None) -> Tensor:
+    """Cosine similarity (B, NA, NB) of every A token to every B token by `metric`. A float train mask zeroes dead
+    tokens' metric, as the reference does, so their similarity is 0; padding (bool mask) is left to the caller."""
     metric = metric / metric.norm(dim=-1, keepdim=True)
     if mask is not None and mask.dtype != torch.bool:
         metric = metric * mask.detach().unsqueeze(-1)
     a, b = split_ab(metric, num_prefix)
     if isinstance(a.shape[1], torch.SymInt) or isinstance(b.shape[1], torch.SymInt):
         _check_nonempty(a.shape[1], b.shape[1])
-    scores = torch.bmm(a, b.transpose(1, 2))  # (B, NA, NB); bmm itself: matmul costs twice as much here
+    return torch.bmm(a, b.transpose(1, 2))  # bmm itself: matmul costs twice as much here
+
+
+def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor], scores: Optional[Tensor] = None
+          ) -> tuple[Tensor, Tensor]:
+    """Each A token's most similar B token by cosine similarity of `metric`: (node_max, node_idx), (B, NA) each.
+
+    Padding (bool mask) can neither match nor be matched (-inf). A float train mask zeroes dead tokens' metric,
+    as the reference does, so their similarity is 0. `scores`: `similarity`'s, when the caller has them already.
+    """
+    scores = similarity(metric, num_prefix, mask) if scores is None else scores  # (B, NA, NB)
     if mask is not None and mask.dtype == torch.bool:
         mask_a, mask_b = split_ab(mask, num_prefix)
         if eager():
@@ -443,6 +450,7 @@ def fused_merge_prune(
     *,
     node_idx: Optional[Tensor] = None,
     node_max: Optional[Tensor] = None,
+    scores: Optional[Tensor] = None,
     merge_threshold: Optional[Tensor] = None,
     src_order: Optional[Tensor] = None,
     importance: Optional[Tensor] = None,
@@ -461,7 +469,9 @@ def fused_merge_prune(
     (batch, N) of a padded batch (real tokens first), None when every image has N = T / batch tokens. Merging:
     `node_idx` (batch, NA), each A token's B partner (`match`), and either `src_order` (batch, R), the A tokens that
     merge in the order they are added (ToMe), or `node_max` and `merge_threshold` (those above it merge, ascending:
-    LTMP). Pruning: `importance` (batch, N) and `prune_threshold` (a candidate is kept above it; a destination's
+    LTMP); or, for LTMP, `scores` (batch, NA, NB) (`similarity`, padding rows and columns as they come) and
+    `merge_threshold`: the kernel takes `match`'s row maxima itself (one torch reduction and the masking fewer a
+    block, ~40 us of the demo's batch-1 blocks). Pruning: `importance` (batch, N) and `prune_threshold` (a candidate is kept above it; a destination's
     importance is the max of its own and its sources'). Returns the kept tokens, packed, in the references' order
     (prefix, unmerged A, B) (T', C), their sizes (T', 1) and, with a mask, the new padding mask
     (batch, max(kept, min_width)).
@@ -471,14 +481,16 @@ def fused_merge_prune(
         return None
     T, C = x.shape
     N = T // batch if mask is None else mask.shape[1]
-    # In the C function's order: x, size, importance, mask, node_max, node_idx, src_order.
-    keep = [t if t is None else t.contiguous() for t in (x, size, importance, mask, node_max, node_idx, src_order)]
+    # In the C function's order: x, size, importance, mask, node_max, node_idx, scores, src_order.
+    keep = [t if t is None else t.contiguous()
+            for t in (x, size, importance, mask, node_max, node_idx, scores, src_order)]
     out_x, out_size = x.new_empty(T, C), size.new_empty(T, 1)
     out_mask = torch.empty(batch * N, dtype=torch.bool) if mask is not None else None
     ptr = [0 if t is None else t.data_ptr() for t in keep + [out_x, out_size, out_mask]]
-    na, r = (0 if t is None else t.shape[1] for t in (node_idx, src_order))
+    na = scores.shape[1] if scores is not None else 0 if node_idx is None else node_idx.shape[1]
+    r = 0 if src_order is None else src_order.shape[1]
     thresholds = (0.0 if t is None else float(t) for t in (merge_threshold, prune_threshold))
-    kept, width = _kernels.merge_prune(*ptr[:7], batch, N, na, r, C, num_prefix, *thresholds, *ptr[7:], min_width)
+    kept, width = _kernels.merge_prune(*ptr[:8], batch, N, na, r, C, num_prefix, *thresholds, *ptr[8:], min_width)
     new_mask = None if out_mask is None else out_mask[:batch * width].view(batch, width)
     return out_x[:kept], out_size[:kept], new_mask
 

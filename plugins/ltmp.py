@@ -40,6 +40,7 @@ from ltmpctl.tokens import (
     scatter_amax,
     scatter_merge,
     serial,
+    similarity,
     split_ab,
     threshold_mask,
     unpack,
@@ -108,13 +109,14 @@ class LTMPBlock(TokenBlock):
         token order per image as batch 1 (`_reduce_single`)."""
         P = self.num_prefix
         B, N = mask.shape
-        node_max, node_idx = match(a.metric, P, mask)  # padding never matches
+        scores = similarity(a.metric, P)  # padding rows and columns: the kernel reads each image's real ones
         # A floor of prefix + 2 positions, so that the next block's A/B split has a token on each side.
-        fused = fused_merge_prune(x, size, P, B, node_idx=node_idx, node_max=node_max,
-                                  merge_threshold=self.merge_threshold, importance=a.importance,
-                                  prune_threshold=self.prune_threshold, mask=mask, min_width=P + 2)
+        fused = fused_merge_prune(x, size, P, B, scores=scores, merge_threshold=self.merge_threshold,
+                                  importance=a.importance, prune_threshold=self.prune_threshold, mask=mask,
+                                  min_width=P + 2)
         if fused is not None:
             return fused
+        node_max, node_idx = match(a.metric, P, mask, scores)  # padding never matches
         merge = node_max > self.merge_threshold  # (B, NA)
         src_m, dst_m = split_ab(mask, P)
         cand_imp = _candidate_importance(a.importance, node_idx, merge, P)
@@ -186,17 +188,16 @@ class LTMPBlock(TokenBlock):
         """
         P = self.num_prefix
         N = x.shape[1]
-        matched = match(a.metric, P, None) if N - P >= 2 else None  # else nothing to match: prune only
-        node_max, node_idx = matched or (None, None)
-        fused = fused_merge_prune(x[0], size[0], P, node_idx=node_idx, node_max=node_max,
-                                  merge_threshold=self.merge_threshold, importance=a.importance,
-                                  prune_threshold=self.prune_threshold)
+        scores = similarity(a.metric, P) if N - P >= 2 else None  # else nothing to match: prune only
+        fused = fused_merge_prune(x[0], size[0], P, scores=scores, merge_threshold=self.merge_threshold,
+                                  importance=a.importance, prune_threshold=self.prune_threshold)
         if fused is not None:
             return fused[0].unsqueeze(0), fused[1].unsqueeze(0), None
         t = torch.cat([x * size, size], dim=-1)  # (1, N, C + 1): merged alike, gathered alike
-        if matched is None:  # an image pruned to its prefix tokens and one more
+        if scores is None:  # an image pruned to its prefix tokens and one more
             kept = (a.importance[0] > self.prune_threshold).nonzero().squeeze(1)
         else:
+            node_max, node_idx = match(a.metric, P, None, scores)
             merge = node_max > self.merge_threshold  # (1, NA)
             src_t, dst_t = split_ab(t, P)
             # Into t's own B rows (a strided view): merged sources add to their destination, the others add 0.

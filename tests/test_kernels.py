@@ -77,3 +77,30 @@ def test_ltmp_kernel_pruned_to_prefix_then_prune_only(monkeypatch):
     torch.testing.assert_close(out[0], x * size / size, atol=0, rtol=0)
     out = tokens.fused_merge_prune(x, size, 2, importance=imp, prune_threshold=torch.tensor(0.6))
     assert out[0].shape == (2, 8) and torch.equal(out[1], size[:2])
+
+
+def test_kernel_row_max_ties_nan_and_padding_as_torch():
+    """Given the similarity scores, the kernel's matching is torch's max(dim): first maximum on ties, a NaN is a
+    maximum, padding rows and columns never match."""
+    torch.manual_seed(0)
+    P, N, C = 1, 9, 4  # A = positions 2, 4, 6, 8; B = 1, 3, 5, 7
+    x, size = torch.randn(2 * N, C), torch.ones(2 * N, 1)
+    scores = torch.rand(2, 4, 4)
+    scores[0, 0] = torch.tensor([0.9, 0.2, 0.9, 0.1])  # tie: the first
+    scores[0, 1, 2] = float("nan")  # NaN wins, and then never merges (NaN > threshold is false)
+    scores[1, :, 3] = 5.0  # image 1 keeps 7 tokens: its last B column and A row are padding
+    scores[1, 3] = 7.0
+    mask = torch.ones(2, N, dtype=torch.bool)
+    mask[1, 7:] = False
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    thr = torch.tensor(0.5)
+    got = tokens.fused_merge_prune(x[rows], size[rows], P, 2, scores=scores, merge_threshold=thr, mask=mask)
+    masked = scores.clone()
+    masked[1, :, 3] = -float("inf")
+    node_max, node_idx = masked.max(dim=-1)
+    node_max[1, 3] = -float("inf")
+    want = tokens.fused_merge_prune(x[rows], size[rows], P, 2, node_idx=node_idx, node_max=node_max,
+                                    merge_threshold=thr, mask=mask)
+    assert node_idx[0, 0] == 0 and node_max[0, 1].isnan()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
