@@ -68,10 +68,11 @@ class TokenBlock(Block):
         """Whether the MLP runs on the real tokens only, gathered out of a padded batch: in a traced eval forward (an
         export) of images that keep different counts (a bool mask, as ltmp's graphs run batches).
 
-        The MLP is two thirds of a block's per-token MACs, and at the widest image's counts onnxruntime ran 0.541 of
-        the base's FLOPs at deit_tiny's batch 32 for images that keep 0.494 (latency ratio 0.574 -> 0.534 with the
-        gather, median of 40 interleaved rounds). Gathering qkv and proj as well cost more than it saved there (0.573):
-        attention needs its qkv padded again, and onnxruntime's scatter of 3 x 192 wide rows took ~1.5 ms a block.
+        The MLP is two thirds of a block's per-token MACs: at the widest image's counts onnxruntime ran 0.541 of the
+        base's FLOPs at deit_tiny's batch 32 for images that keep 0.494, 0.514 with the gather (`latency_vs_flops.py`:
+        ltmp's latency ratio over its FLOPs 1.14-1.19 before, 1.11-1.12 after). Gathering qkv and proj as well was
+        slower there: attention needs its qkv padded again, and onnxruntime's scatter of 3 x 192 wide rows cost more
+        than the padding it saved.
         Eager batched forwards pack their tokens themselves (`LTMPBlock._forward_packed`); a graph of one image (a
         static batch of 1: the mobile export) has no padding, so it skips the gather.
         """

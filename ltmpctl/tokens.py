@@ -357,7 +357,8 @@ def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor], scores: Optio
     """Each A token's most similar B token by cosine similarity of `metric`: (node_max, node_idx), (B, NA) each.
 
     Padding (bool mask) can neither match nor be matched (-inf). A float train mask zeroes dead tokens' metric,
-    as the reference does, so their similarity is 0. `scores`: `similarity`'s, when the caller has them already.
+    as the reference does, so their similarity is 0. `scores`: `similarity`'s, when the caller has them already
+    (eager masks their padding in place).
     """
     scores = similarity(metric, num_prefix, mask) if scores is None else scores  # (B, NA, NB)
     if mask is not None and mask.dtype == torch.bool:
@@ -474,8 +475,8 @@ def fused_merge_prune(
     `node_idx` (batch, NA), each A token's B partner (`match`), and either `src_order` (batch, R), the A tokens that
     merge in the order they are added (ToMe), or `node_max` and `merge_threshold` (those above it merge, ascending:
     LTMP); or, for LTMP, `scores` (batch, NA, NB) (`similarity`, padding rows and columns as they come) and
-    `merge_threshold`: the kernel takes `match`'s row maxima itself (one torch reduction and the masking fewer a
-    block, ~40 us of the demo's batch-1 blocks). Pruning: `importance` (batch, N) and `prune_threshold` (a candidate is kept above it; a destination's
+    `merge_threshold`: the kernel takes `match`'s row maxima itself (one torch reduction and the padding fills fewer
+    a block). Pruning: `importance` (batch, N) and `prune_threshold` (a candidate is kept above it; a destination's
     importance is the max of its own and its sources'). Returns the kept tokens, packed, in the references' order
     (prefix, unmerged A, B) (T', C), their sizes (T', 1) and, with a mask, the new padding mask
     (batch, max(kept, min_width)).
