@@ -14,8 +14,8 @@ importance (B, N) (NULL: nothing is pruned) and the padding mask (B, N) uint8 (N
 node_max (B, NA) float32 and node_idx (B, NA) int64 from the bipartite matching (NULL: nothing is matched, prune
 only), or instead scores (B, NA, NB) float32, the matching's similarities (padded like the mask: each image's real
 A rows and B columns come first), whose row maxima over the image's real B columns the kernel takes itself (ties and
-NaN as torch's max(dim): the first); src_order (B, R) int64 (NULL: the A tokens above merge_thr merge, ascending): the A tokens that merge, in
-the order they are added (ToMe's r most similar, most similar first). Outputs: out_x
+NaN as torch's max(dim): the first); src_order (B, R) int64 (NULL: the A tokens above merge_thr merge, ascending):
+the A tokens that merge, in the order they are added (ToMe's r most similar, most similar first). Outputs: out_x
 (T, C), out_size (T,), out_mask (B * N bytes, or NULL for none; the first B * width hold the new (B, width) mask),
 where width = max(kept per image, min_width). Returns (kept rows T', width).
 */

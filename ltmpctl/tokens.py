@@ -352,15 +352,18 @@ def similarity(metric: Tensor, num_prefix: int, mask: Optional[Tensor] = None) -
     return torch.bmm(a, b.transpose(1, 2))  # bmm itself: matmul costs twice as much here
 
 
-def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor], scores: Optional[Tensor] = None
-          ) -> tuple[Tensor, Tensor]:
+def match(metric: Tensor, num_prefix: int, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Each A token's most similar B token by cosine similarity of `metric`: (node_max, node_idx), (B, NA) each.
 
     Padding (bool mask) can neither match nor be matched (-inf). A float train mask zeroes dead tokens' metric,
-    as the reference does, so their similarity is 0. `scores`: `similarity`'s, when the caller has them already
-    (eager masks their padding in place).
+    as the reference does, so their similarity is 0.
     """
-    scores = similarity(metric, num_prefix, mask) if scores is None else scores  # (B, NA, NB)
+    return best_partners(similarity(metric, num_prefix, mask), num_prefix, mask)
+
+
+def best_partners(scores: Tensor, num_prefix: int, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """`match` from `similarity`'s scores (B, NA, NB): each row's maximum and its index, padding (bool mask) at
+    -inf (in eager, the scores' padding columns are masked in place)."""
     if mask is not None and mask.dtype == torch.bool:
         mask_a, mask_b = split_ab(mask, num_prefix)
         if eager():

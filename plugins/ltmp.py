@@ -30,6 +30,7 @@ from ltmpctl.tokens import (
     AttentionOut,
     attention_core,
     attention_proj,
+    best_partners,
     candidate_positions,
     compact,
     eager,
@@ -116,7 +117,7 @@ class LTMPBlock(TokenBlock):
                                   min_width=P + 2)
         if fused is not None:
             return fused
-        node_max, node_idx = match(a.metric, P, mask, scores)  # padding never matches
+        node_max, node_idx = best_partners(scores, P, mask)  # padding never matches
         merge = node_max > self.merge_threshold  # (B, NA)
         src_m, dst_m = split_ab(mask, P)
         cand_imp = _candidate_importance(a.importance, node_idx, merge, P)
@@ -197,7 +198,7 @@ class LTMPBlock(TokenBlock):
         if scores is None:  # an image pruned to its prefix tokens and one more
             kept = (a.importance[0] > self.prune_threshold).nonzero().squeeze(1)
         else:
-            node_max, node_idx = match(a.metric, P, None, scores)
+            node_max, node_idx = best_partners(scores, P, None)
             merge = node_max > self.merge_threshold  # (1, NA)
             src_t, dst_t = split_ab(t, P)
             # Into t's own B rows (a strided view): merged sources add to their destination, the others add 0.
