@@ -307,9 +307,13 @@ def split_ab(t: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
     Strided views, not index tensors: no copy at all (advanced indexing copied on every block), and their sizes
     follow from the sequence length, so torch.export sees static or symbolic sizes, not data-dependent ones.
     """
-    first_even = num_prefix + num_prefix % 2
-    first_odd = num_prefix + 1 - num_prefix % 2
-    return t[:, first_even::2], t[:, first_odd::2]
+    first_a, first_b = ab_starts(num_prefix)
+    return t[:, first_a::2], t[:, first_b::2]
+
+
+def ab_starts(num_prefix: int) -> tuple[int, int]:
+    """The positions of the first A and the first B token (`split_ab`): even and odd absolute positions."""
+    return num_prefix + num_prefix % 2, num_prefix + 1 - num_prefix % 2
 
 
 _CANDIDATE_POSITIONS: dict[tuple[int, int, torch.device], Tensor] = {}
@@ -317,16 +321,23 @@ _CANDIDATE_POSITIONS: dict[tuple[int, int, torch.device], Tensor] = {}
 
 def candidate_positions(n: int, num_prefix: int, device: torch.device) -> Tensor:
     """Where the merge's candidates (prefix, A, B: the order the references concatenate them in) sit in a sequence
-    of n tokens, (n,) int64. Fixed per length, so made once: gathering the kept candidates straight from the
-    sequence through it saves concatenating them in that order first."""
+    of n tokens, (n,) int64. Fixed per length, so made once in eager: gathering the kept candidates straight from the
+    sequence through it saves concatenating them in that order first. Traced forms get a few index ops instead of
+    the cache (n may be symbolic there, and a tensor made while tracing belongs to that trace)."""
+    if not eager():
+        return _candidate_positions(n, num_prefix, device)
     key = (n, num_prefix, device)
     pos = _CANDIDATE_POSITIONS.get(key)
     if pos is None:
         with torch.inference_mode(False):  # a normal tensor: later forwards may run with autograd on
-            p = torch.arange(n, device=device)
-            src, dst = split_ab(p.unsqueeze(0), num_prefix)
-            pos = _CANDIDATE_POSITIONS[key] = torch.cat([p[:num_prefix], src[0], dst[0]])
+            pos = _CANDIDATE_POSITIONS[key] = _candidate_positions(n, num_prefix, device)
     return pos
+
+
+def _candidate_positions(n: int, num_prefix: int, device: torch.device) -> Tensor:
+    p = torch.arange(n, device=device)
+    src, dst = split_ab(p.unsqueeze(0), num_prefix)
+    return torch.cat([p[:num_prefix], src[0], dst[0]])
 
 
 def _check_nonempty(na: int, nb: int) -> None:
@@ -419,35 +430,62 @@ def threshold_mask(values: Tensor, threshold: Tensor, tau: float) -> Tensor:
     return soft + (hard - soft).detach()
 
 
-def compact(keep: Tensor, *tensors: Tensor, min_tokens: int = 1) -> tuple[Tensor, list[Tensor]]:
+def compact(keep: Tensor, *tensors: Tensor, min_tokens: int = 1, positions: Optional[Tensor] = None
+            ) -> tuple[Tensor, list[Tensor]]:
     """Move each image's kept tokens to the front (order preserved) and cut the padding all images share.
 
-    keep (B, N) bool. Returns the new padding mask (B, N') and the gathered tensors (B, N', *). N' is the
-    largest count in the batch, but at least `min_tokens` (padding then fills up to it; callers pass the prefix
-    length + 2 so the A/B split of the next block always has a token on each side, which torch.export must
-    know to slice with a data-dependent length). At batch 1 nothing else is padded.
+    keep (B, N) bool, over the candidates in their order; `positions` (N,): each candidate's row in the tensors
+    (B, M, *) (default: the candidates are the tensors' rows), so that candidates in another order than the tensors
+    (ltmp's prefix, A, B) are gathered straight from them. Returns the new padding mask (B, N') and the gathered
+    tensors (B, N', *). N' is the largest count in the batch, but at least `min_tokens` (padding then fills up to it;
+    callers pass the prefix length + 2 so the A/B split of the next block always has a token on each side, which
+    torch.export must know to slice with a data-dependent length). At batch 1 nothing else is padded.
+
+    The traced form (an exported graph) is what this serves: one topk over sort keys that put kept candidates
+    first, each group in candidate order, then one gather of whole rows out of the flattened batch. Under
+    torch.export N' is a data-dependent size with known bounds, which ONNX and ExecuTorch keep per input; a
+    torch.jit.trace (fvcore's counting) freezes it to the traced images' count, which is all that trace serves.
+    (It replaced a cumsum-and-scatter permutation and a nonzero-sized column index: more nodes, and onnxruntime's
+    ScatterElements is slow.)
     """
-    N = keep.shape[1]
+    B, N = keep.shape
+    if isinstance(N, int):  # (a symbolic N is a compacted count, which is at least min_tokens already)
+        min_tokens = min(min_tokens, N)
     counts = keep.sum(dim=1)  # (B,)
-    pos = torch.arange(N, device=keep.device)
-    # N' stays a tensor shape (nonzero + index_select), never a Python int: torch.jit.trace and the legacy ONNX
-    # exporter would bake an int in as the example's count; this way exported graphs drop tokens per input.
-    cols = torch.nonzero(pos < counts.max().clamp_min(min_tokens)).reshape(-1)  # (N',) = 0 .. N'-1
-    if not torch.jit.is_tracing():
-        torch._check(cols.shape[0] >= min_tokens)  # what torch.export can't infer from nonzero by itself
-    # Where each token goes: kept ones to the front, the others behind them, both in their order. That is a
-    # permutation, so scattering positions through it gives the gather order (no sort: ExecuTorch has none).
-    kept_before = keep.to(torch.int64).cumsum(1)  # (B, N): kept tokens up to and including each one
-    dest = torch.where(keep, kept_before - 1, counts.unsqueeze(1) + pos - kept_before)  # (B, N)
-    order = torch.zeros_like(dest).scatter(1, dest, pos.expand_as(dest)).index_select(1, cols)  # (B, N')
+    width = counts.max().clamp_min(min_tokens)
+    if torch.jit.is_tracing():  # a jit trace freezes the count (its .item() would stay a tensor)
+        width = int(width)
+    else:
+        width = width.item()  # under torch.export: a data-dependent size, bounded below
+        torch._check(width >= min_tokens)  # what torch.export can't infer from .item() by itself
+        torch._check(width <= N)
+    # Unique float keys (exact below 2^24): a candidate's index, plus 2^20 when it is dropped. topk, not sort:
+    # ExecuTorch's portable kernels have no sort.
+    key = torch.arange(N, device=keep.device, dtype=torch.float32) + (~keep).to(torch.float32) * float(1 << 20)
+    order = key.topk(width, dim=1, largest=False).indices  # (B, N'): kept candidates first, in order
+    if positions is not None:
+        order = positions[order]
     # Whole rows out of the flattened batch (index_select), not gather with the index expanded over the features:
     # the same copies, without materialising a (B, N', C) index (ExecuTorch's portable kernels spent ~2.5 ms a
     # deit_tiny forward in that gather and more in expanding its index).
-    B, kept = order.shape
-    rows = (order + torch.arange(B, device=keep.device).unsqueeze(1) * N).reshape(-1)  # (B * N',)
-    out = [t.reshape((B * N,) + t.shape[2:]).index_select(0, rows).reshape((B, kept) + t.shape[2:]) for t in tensors]
-    alive = cols.unsqueeze(0) < counts.unsqueeze(1)  # cols is 0 .. N'-1
+    M = tensors[0].shape[1]
+    rows = (order + torch.arange(B, device=keep.device).unsqueeze(1) * M).reshape(-1)  # (B * N',)
+    out = [t.reshape((B * M,) + t.shape[2:]).index_select(0, rows).reshape((B, width) + t.shape[2:]) for t in tensors]
+    alive = torch.arange(width, device=keep.device) < counts.unsqueeze(1)
     return alive, out
+
+
+def merge_rows(t: Tensor, node_idx: Tensor, src: Tensor, num_prefix: int) -> Tensor:
+    """t (B, N, D) with src (B, NA, D) added to its B tokens by node_idx (B, NA): row i of image b into B token
+    node_idx[b, i], in ascending i (`scatter_merge` into the B view, whole rows at once).
+
+    For traced graphs: one row-indexed accumulate (ONNX ScatterND with reduction add) over the flattened batch,
+    instead of a scatter whose index is expanded over the D features; in onnxruntime the latter cost ~190 us per
+    deit_tiny block at batch 1 and ~5 ms at batch 32.
+    """
+    B, N, D = t.shape
+    rows = torch.arange(B, device=t.device).unsqueeze(1) * N + ab_starts(num_prefix)[1] + 2 * node_idx  # (B, NA)
+    return t.reshape(B * N, D).index_put((rows.reshape(-1),), src.reshape(-1, D), accumulate=True).view(B, N, D)
 
 
 def fused_merge_prune(

@@ -36,6 +36,7 @@ from ltmpctl.tokens import (
     eager,
     fused_merge_prune,
     match,
+    merge_rows,
     pack,
     real_rows,
     scatter_amax,
@@ -184,8 +185,8 @@ class LTMPBlock(TokenBlock):
         """Eager batch 1: no padding, so no mask to carry; tokens are simply selected (index_select), never padded.
 
         Same decisions and values as the batched forms (`_reduce_packed`, `_reduce_eval`). ~20 small ops, none of
-        which wakes the CPU thread pool at these sizes (the dense scatter-max and the cumsum compaction exist only
-        for the export runtimes).
+        which wakes the CPU thread pool at these sizes (the row accumulate and the topk compaction of
+        `_reduce_eval` exist for the export runtimes).
         """
         P = self.num_prefix
         N = x.shape[1]
@@ -211,26 +212,37 @@ class LTMPBlock(TokenBlock):
         return t[..., :-1] / size, size, None
 
     def _reduce_eval(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
+        """Eager batch 1 (`_reduce_single`), else the traced form that exported graphs run (ONNX, ExecuTorch): padded
+        (B, N) tensors, a bool padding mask after the first block; the same decisions and token order per image.
+
+        Built for the runtimes' per-node costs: size-weighted features, sizes and the prune test merge as one
+        tensor in one row-indexed accumulate (`merge_rows`), and one topk orders the kept candidates (`compact`).
+        A destination is kept when its own importance or a merged source's is above the threshold, which is the
+        reference's test on their maximum, so the flags merge as sums like the rest. onnxruntime, this step alone
+        at deit_tiny's sizes (150 tokens): 0.35 -> 0.23 ms at batch 1, 5.5 -> 3.9 ms at batch 32.
+        """
         P = self.num_prefix
         if mask is None and x.shape[0] == 1 and eager():
             return self._reduce_single(x, size, a)
-        if mask is None:
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        node_max, node_idx = match(a.metric, P, mask)  # padding never matches
+        C = x.shape[-1]
+        scores = similarity(a.metric, P)  # (B, NA, NB)
+        flag = a.importance > self.prune_threshold  # (B, N): each token's own prune test (prefix: +inf, kept)
+        if mask is not None:
+            mask_a, mask_b = split_ab(mask, P)
+            scores = scores.masked_fill(~mask_b.unsqueeze(1), -math.inf)  # padding is never a destination
+            flag = flag & mask
+        node_max, node_idx = scores.max(dim=-1)
         merge = node_max > self.merge_threshold  # (B, NA)
-        # Size-weighted features and sizes merge alike (sums), so they travel as one tensor: one scatter, one
-        # gather, fewer small ops per block (at batch 1 on a CPU their fixed cost is much of the latency).
-        t = torch.cat([x * size, size], dim=-1)  # (B, N, C + 1)
-        (src_t, dst_t), (src_imp, dst_imp), (src_m, dst_m) = (split_ab(v, P) for v in (t, a.importance, mask))
-        dst_t = scatter_merge(dst_t, node_idx, src_t * merge.unsqueeze(-1))
-        dst_imp = scatter_amax(dst_imp, node_idx, src_imp.masked_fill(~merge, -math.inf))
+        if mask is not None:
+            merge = merge & mask_a  # ... nor a source
+        t = torch.cat([x * size, size, flag.unsqueeze(-1).to(x.dtype)], dim=-1)  # (B, N, C + 2)
+        t = merge_rows(t, node_idx, split_ab(t, P)[0] * merge.unsqueeze(-1).to(x.dtype), P)
+        flag_a, flag_b = split_ab(t[..., -1], P)
         # Candidates in the reference's order: prefix, unmerged A, B (merged into).
-        cand_imp = torch.cat([a.importance[:, :P], src_imp, dst_imp], dim=1)
-        alive = torch.cat([mask[:, :P], src_m & ~merge, dst_m], dim=1)
-        keep = alive & (cand_imp > self.prune_threshold)
-        mask, (t,) = compact(keep, torch.cat([t[:, :P], src_t, dst_t], dim=1), min_tokens=P + 2)
-        size = t[..., -1:]
-        return t[..., :-1] / size, size, mask
+        keep = torch.cat([flag[:, :P], (flag_a > 0) & ~merge, flag_b > 0], dim=1)
+        mask, (t,) = compact(keep, t, min_tokens=P + 2, positions=candidate_positions(x.shape[1], P, x.device))
+        size = t[..., C:C + 1]
+        return t[..., :C] / size, size, mask
 
 
 def _candidate_importance(imp: Tensor, node_idx: Tensor, merge: Tensor, P: int) -> Tensor:

@@ -1,8 +1,9 @@
 """ONNX export through torch.export (`dynamo=True`), run with onnxruntime.
 
 The batch dimension is dynamic. For data-dependent compressors (ltmp) the token dimension is data-dependent inside
-the graph: `ltmpctl.tokens.compact` sizes it with `nonzero`, which torch.export keeps as a symbol instead of the
-example's count, so the file really drops a different number of tokens per image.
+the graph: `ltmpctl.tokens.compact` sizes it with the batch's largest kept count read from the data (`.item()`),
+which torch.export keeps as a symbol instead of the example's count, so the file really drops a different number of
+tokens per image.
 """
 from __future__ import annotations
 
