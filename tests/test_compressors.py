@@ -105,24 +105,28 @@ def test_ltmp_traced_reduction_decides_as_eager(monkeypatch):
     metric = torch.eye(8)[[7, 0, 0, 1, 1, 2, 3]].unsqueeze(0)
     importance = torch.tensor([[float("inf"), 0.001, 0.5, 0.001, 0.002, 0.5, 0.5]])  # B 1: its source is above; B 3: not
     x, size = torch.randn(1, 7, 4), torch.tensor([1.0, 1, 2, 3, 1, 1, 2]).view(1, 7, 1)
+    # A second image of 5 real tokens padded to 7, whose padding must take no part.
+    other = [t.roll(1, dims=1) for t in (x, size, importance, metric)]
     with torch.no_grad():
         want_x, want_size, _ = blk._reduce_eval(x, size, None, AttentionOut(None, importance, metric))
+        other_x, other_size, _ = blk._reduce_eval(other[0][:, :5], other[1][:, :5], None,
+                                                  AttentionOut(None, other[2][:, :5], other[3][:, :5]))
         monkeypatch.setattr(sys.modules[type(blk).__module__], "eager", lambda: False)
         monkeypatch.setattr(sys.modules["ltmpctl.tokens"], "eager", lambda: False)
         got_x, got_size, mask = blk._reduce_eval(x, size, None, AttentionOut(None, importance, metric))
-        # The same image next to padding: an image of 5 real tokens behind it, whose padding must not take part.
         pad = torch.zeros(1, 7, dtype=torch.bool)
         pad[0, :5] = True
-        batch = [torch.cat([t, t.roll(1, dims=1)]) for t in (x, size, importance, metric)]
+        batch = [torch.cat([t, o]) for t, o in zip((x, size, importance, metric), other)]
         bx, bsize, bmask = blk._reduce_eval(batch[0], batch[1], torch.cat([torch.ones_like(pad), pad]),
                                             AttentionOut(None, batch[2], batch[3]))
     # Prefix, A 6 (unmerged), B 1 (kept for A 2), B 5; B 3 and its source A 4 are gone.
     assert want_size.flatten().tolist() == [1.0, 2.0, 3.0, 1.0]
     assert mask.all() and got_size.flatten().tolist() == want_size.flatten().tolist()
     torch.testing.assert_close(got_x, want_x, atol=1e-6, rtol=0)
-    kept = int(bmask[0].sum())
-    assert kept == 4 and bsize[0, :kept].flatten().tolist() == want_size.flatten().tolist()
-    torch.testing.assert_close(bx[0, :kept], want_x[0], atol=1e-6, rtol=0)
+    for i, (wx, wsize) in enumerate(((want_x, want_size), (other_x, other_size))):
+        kept = int(bmask[i].sum())
+        assert kept == wsize.shape[1] and bsize[i, :kept].flatten().tolist() == wsize.flatten().tolist()
+        torch.testing.assert_close(bx[i, :kept], wx[0], atol=1e-6, rtol=0)
 
 
 def test_serial_scope_is_one_thread_only_for_small_eager_tokens():
