@@ -227,15 +227,11 @@ class LTMPBlock(TokenBlock):
             return self._reduce_single(x, size, a)
         C = x.shape[-1]
         scores = similarity(a.metric, P)  # (B, NA, NB)
+        node_max, node_idx = best_partners(scores, P, mask)  # padding never matches
+        merge = node_max > self.merge_threshold  # (B, NA)
         flag = a.importance > self.prune_threshold  # (B, N): each token's own prune test (prefix: +inf, kept)
         if mask is not None:
-            mask_a, mask_b = split_ab(mask, P)
-            scores = scores.masked_fill(~mask_b.unsqueeze(1), -math.inf)  # padding is never a destination
             flag = flag & mask
-        node_max, node_idx = scores.max(dim=-1)
-        merge = node_max > self.merge_threshold  # (B, NA)
-        if mask is not None:
-            merge = merge & mask_a  # ... nor a source
         t = torch.cat([x * size, size, flag.unsqueeze(-1).to(x.dtype)], dim=-1)  # (B, N, C + 2)
         t = merge_rows(t, node_idx, split_ab(t, P)[0] * merge.unsqueeze(-1).to(x.dtype), P)
         flag_a, flag_b = split_ab(t[..., -1], P)
