@@ -18,6 +18,14 @@ NaN as torch's max(dim): the first); src_order (B, R) int64 (NULL: the A tokens 
 the A tokens that merge, in the order they are added (ToMe's r most similar, most similar first). Outputs: out_x
 (T, C), out_size (T,), out_mask (B * N bytes, or NULL for none; the first B * width hold the new (B, width) mask),
 where width = max(kept per image, min_width). Returns (kept rows T', width).
+
+One image (B = 1, no mask) may instead hand over the raw attention statistics, which the kernel reduces itself:
+probs (H, N, N) float32, the attention probabilities (importance: each key's column sum over the H * N query rows,
+rows in order, divided by H * N; prefix keys +inf), and keys, the (H, N, hd) float32 keys at element strides
+(key_h, key_n, 1) (ToMe's metric: their sum over heads, divided by its L2 norm; the scores: each A token's dot
+products with every B token). These are the torch forms' values up to rounding (their products and sums run in MKL's
+order); the decisions follow from them as above. In eager torch at batch 1 the same statistics were ~12 small ops a
+block (a head sum, a norm, a division, a product, the importance's scaling), each paying its fixed cost.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -66,20 +74,77 @@ static Py_ssize_t row_argmax(const float *v, Py_ssize_t n, float *best) {
     return idx;
 }
 
+/* acc[j] += row[j]: one query row of probabilities into the keys' column sums. */
+VECTOR static void add_row(float *restrict acc, const float *restrict row, Py_ssize_t n) {
+    for (Py_ssize_t j = 0; j < n; j++) acc[j] += row[j];
+}
+
+/* Dot products of one A token's metric a (hd) with every B token's, bt being the B metrics feature-major (hd x nbp,
+   nbp a multiple of 16, zero columns past nb): 16 B tokens at a time, their sums kept in one vector register over
+   the features. Each sum runs over the features in order, so any vector width gives the same roundings. */
+VECTOR static void dot_row(float *restrict out, const float *restrict a, const float *restrict bt, Py_ssize_t hd,
+                           Py_ssize_t nbp) {
+    for (Py_ssize_t jb = 0; jb < nbp; jb += 16) {
+        float acc[16] = {0.0f};
+        for (Py_ssize_t d = 0; d < hd; d++) {
+            const float ad = a[d], *b = bt + d * nbp + jb;
+            for (int jj = 0; jj < 16; jj++) acc[jj] += ad * b[jj];
+        }
+        memcpy(out + jb, acc, sizeof(acc));
+    }
+}
+
+/* Importance (N,) of one image from its attention probabilities (H, N, N): mean attention received over every
+   (head, query) row, prefix tokens +inf. */
+static void importance_of(float *restrict imp, const float *restrict probs, Py_ssize_t H, Py_ssize_t N, Py_ssize_t P) {
+    memset(imp, 0, sizeof(float) * N);
+    for (Py_ssize_t r = 0; r < H * N; r++) add_row(imp, probs + r * N, N);
+    const float rows = (float)(H * N);
+    for (Py_ssize_t j = 0; j < N; j++) imp[j] = j < P ? INFINITY : imp[j] / rows;
+}
+
+/* Cosine similarity (na, nb) of one image's A tokens to its B tokens by the head sum of its keys (rows at key_n,
+   heads at key_h, features contiguous). Scratch: metric N * hd floats, bt hd * nbp, row nbp (nbp: nb rounded up to
+   16). */
+static void scores_of(float *restrict scores, const float *keys, Py_ssize_t key_h, Py_ssize_t key_n, Py_ssize_t H,
+                      Py_ssize_t N, Py_ssize_t hd, Py_ssize_t first_a, Py_ssize_t first_b, Py_ssize_t na,
+                      Py_ssize_t nb, Py_ssize_t nbp, float *restrict metric, float *restrict bt, float *restrict row) {
+    for (Py_ssize_t n = 0; n < N; n++) {
+        float *m = metric + n * hd;
+        memcpy(m, keys + n * key_n, sizeof(float) * hd);
+        for (Py_ssize_t h = 1; h < H; h++) add_row(m, keys + h * key_h + n * key_n, hd);
+        float sq = 0.0f;
+        for (Py_ssize_t d = 0; d < hd; d++) sq += m[d] * m[d];
+        const float norm = sqrtf(sq);
+        for (Py_ssize_t d = 0; d < hd; d++) m[d] /= norm;
+    }
+    memset(bt, 0, sizeof(float) * hd * nbp);
+    for (Py_ssize_t j = 0; j < nb; j++)
+        for (Py_ssize_t d = 0; d < hd; d++) bt[d * nbp + j] = metric[(first_b + 2 * j) * hd + d];
+    for (Py_ssize_t i = 0; i < na; i++) {
+        dot_row(row, metric + (first_a + 2 * i) * hd, bt, hd, nbp);
+        memcpy(scores + i * nb, row, sizeof(float) * nb);
+    }
+}
+
 static PyObject *merge_prune(PyObject *self, PyObject *args) {
-    unsigned long long px, psize, pimp, pmask, pmax, pidx, pscores, psrc, pox, pos, pom;
-    Py_ssize_t B, N, NA, R, C, P, min_width;
+    unsigned long long px, psize, pimp, pmask, pmax, pidx, pscores, psrc, pox, pos, pom, pprobs = 0, pkeys = 0;
+    Py_ssize_t B, N, NA, R, C, P, min_width, H = 0, hd = 0, key_h = 0, key_n = 0;
     double merge_thr, prune_thr;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKnnnnnnddKKKn", &px, &psize, &pimp, &pmask, &pmax, &pidx, &pscores, &psrc, &B,
-                          &N, &NA, &R, &C, &P, &merge_thr, &prune_thr, &pox, &pos, &pom, &min_width))
+    if (!PyArg_ParseTuple(args, "KKKKKKKKnnnnnnddKKKn|KKnnnn", &px, &psize, &pimp, &pmask, &pmax, &pidx, &pscores,
+                          &psrc, &B, &N, &NA, &R, &C, &P, &merge_thr, &prune_thr, &pox, &pos, &pom, &min_width,
+                          &pprobs, &pkeys, &H, &hd, &key_h, &key_n))
         return NULL;
     const float *x = as_ptr(px), *size = as_ptr(psize), *imp = as_ptr(pimp), *node_max = as_ptr(pmax);
-    const float *scores = as_ptr(pscores);
+    const float *scores = as_ptr(pscores), *probs = as_ptr(pprobs), *keys = as_ptr(pkeys);
+    if ((probs || keys) && (B != 1 || pmask)) {
+        PyErr_SetString(PyExc_ValueError, "raw attention statistics are for one image without padding");
+        return NULL;
+    }
     const uint8_t *mask = as_ptr(pmask);
     const int64_t *node_idx = as_ptr(pidx), *src_order = as_ptr(psrc);
     float *out_x = as_ptr(pox), *out_size = as_ptr(pos);
     uint8_t *out_mask = as_ptr(pom);
-    const int matching = node_idx != NULL || scores != NULL;
     /* Set A = even absolute positions >= P, set B = odd ones (tokens.split_ab). */
     const Py_ssize_t first_a = P + P % 2, first_b = P + 1 - P % 2;
     const Py_ssize_t NB = N > first_b ? (N - first_b + 1) / 2 : 0, NAmax = N > first_a ? (N - first_a + 1) / 2 : 0;
@@ -87,12 +152,27 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
     Py_ssize_t *dst_row = malloc(sizeof(Py_ssize_t) * (NB + 1)), *kept = malloc(sizeof(Py_ssize_t) * (B + 1));
     uint8_t *merged = malloc(NAmax + 1);
     int64_t *own_idx = malloc(sizeof(int64_t) * (NAmax + 1));  /* an image's matches, taken from scores */
-    if (!dst_imp || !dst_row || !kept || !merged || !own_idx) {
-        free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx);
+    /* The raw statistics' reductions: importance (N), scores (NA x NB), the metric (N x hd) and B's transpose. */
+    const Py_ssize_t NBp = (NB + 15) / 16 * 16;
+    const Py_ssize_t n_stats = (probs ? N : 0) + (keys ? NAmax * NB + N * hd + hd * NBp + NBp : 0);
+    float *stats = malloc(sizeof(float) * (n_stats + 1));
+    if (!dst_imp || !dst_row || !kept || !merged || !own_idx || !stats) {
+        free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx), free(stats);
         return PyErr_NoMemory();
     }
     Py_ssize_t row = 0, out = 0, width = min_width;
     Py_BEGIN_ALLOW_THREADS
+    if (probs) {
+        importance_of(stats, probs, H, N, P);
+        imp = stats;
+    }
+    if (keys && NAmax > 0 && NB > 0) {
+        float *sc = stats + (probs ? N : 0);
+        float *metric = sc + NAmax * NB, *bt = metric + N * hd;
+        scores_of(sc, keys, key_h, key_n, H, N, hd, first_a, first_b, NAmax, NB, NBp, metric, bt, bt + hd * NBp);
+        scores = sc, NA = NAmax;
+    }
+    const int matching = node_idx != NULL || scores != NULL;
     for (Py_ssize_t b = 0; b < B; b++) {
         Py_ssize_t n = N;
         if (mask) {
@@ -169,7 +249,7 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
         for (Py_ssize_t b = 0; b < B; b++)
             for (Py_ssize_t p = 0; p < width; p++) out_mask[b * width + p] = p < kept[b];
     Py_END_ALLOW_THREADS
-    free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx);
+    free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx), free(stats);
     return Py_BuildValue("nn", out, width);
 }
 

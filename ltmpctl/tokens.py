@@ -13,8 +13,7 @@ Masks come in two kinds:
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +34,15 @@ class AttentionOut(NamedTuple):
     metric: Optional[Tensor]  # (B, N, head_dim) keys averaged over heads (ToMe's similarity metric)
 
 
+def kernel_ready(x: Tensor) -> bool:
+    """Whether the C kernel (`fused_merge_prune`) serves a reduction step on x: built, and an eager inference forward
+    on float32 CPU tensors (a forward that records gradients keeps the torch forms). Under a Python dispatch mode (a
+    FLOP counter such as torch's `FlopCounterMode`, an op tracer) the torch forms run too, same values: the kernel's
+    products (LTMP's similarities at batch 1) would be invisible to it."""
+    return (_kernels is not None and eager() and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad) and torch._C._len_torch_dispatch_stack() == 0)
+
+
 def eager() -> bool:
     """True in a plain eager forward: not under torch.export (ONNX, ExecuTorch), jit tracing (fvcore, TorchScript)
     or torch.compile. Only then may token code branch on tensor values in Python and use kernels that the export
@@ -49,8 +57,7 @@ SERIAL_ELEMENTS = 1 << 14
 SERIAL_REDUCE_ELEMENTS = 1 << 20
 
 
-@contextmanager
-def serial(x: Tensor, reduce_ops: bool = False) -> Iterator[None]:
+class serial:  # noqa: N801 (used as a function: `with serial(x):`)
     """Run the block's own small ops on one thread when its tokens `x` are few (eager only; a no-op elsewhere).
 
     The compressors' work between timm's layers (attention products of up to ~85 tokens at deit_tiny's width,
@@ -62,10 +69,11 @@ def serial(x: Tensor, reduce_ops: bool = False) -> Iterator[None]:
     batch-1 latency ratios were 0.03-0.07 worse and ltmp's 0.01-0.05 (2-core AMD EPYC VM, three interleaved runs of
     30-80 forwards). Single attention kernels timed in a loop go either way with the host's load
     (`benchmarks/attention_kernels.py --threads 1` vs `--threads 2`), so the bound is set by the whole forward.
-    Switching costs well under a microsecond. The values are bitwise those of the threaded run on deit_tiny, the demo
-    and the test models (products and softmax rows are computed whole by one thread either way). timm's own layers
-    (qkv, proj, MLP, norms) keep the caller's thread count. The count is process-wide: another Python thread running
-    torch ops meanwhile would run them on one thread too.
+    Switching costs well under a microsecond (a class, not a generator context manager: entered twice a block, the
+    generator's machinery was ~8 Python calls each time). The values are bitwise those of the threaded run on
+    deit_tiny, the demo and the test models (products and softmax rows are computed whole by one thread either
+    way). timm's own layers (qkv, proj, MLP, norms) keep the caller's thread count. The count is process-wide:
+    another Python thread running torch ops meanwhile would run them on one thread too.
 
     `reduce_ops`: the scope of a reduction step (`SERIAL_REDUCE_ELEMENTS`). Its ops are elementwise, indexing and
     (B, N/2, N/2) products, which a second thread speeds up only on much larger tensors than attention's products:
@@ -73,16 +81,22 @@ def serial(x: Tensor, reduce_ops: bool = False) -> Iterator[None]:
     elements, and deit_tiny's matching at batch 32 took 1139 us threaded vs 747 on one (the demo at batch 64: 861
     vs 288), so batched forwards reduce on one thread up to about a million token values.
     """
-    # eager() first: under export the sizes are symbolic, and comparing them would add a guard on the batch.
-    n = torch.get_num_threads() if eager() else 1
-    if n == 1 or x.numel() > (SERIAL_REDUCE_ELEMENTS if reduce_ops else SERIAL_ELEMENTS):
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+
+    __slots__ = ("_restore",)
+
+    def __init__(self, x: Tensor, reduce_ops: bool = False) -> None:
+        # eager() first: under export the sizes are symbolic, and comparing them would add a guard on the batch.
+        n = torch.get_num_threads() if eager() else 1
+        bound = SERIAL_REDUCE_ELEMENTS if reduce_ops else SERIAL_ELEMENTS
+        self._restore = 0 if n == 1 or x.numel() > bound else n  # the caller's count, or 0: nothing to switch
+
+    def __enter__(self) -> None:
+        if self._restore:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._restore:
+            torch.set_num_threads(self._restore)
 
 
 def attention(
@@ -153,6 +167,26 @@ def attention_core(
     # the head sum serves (the mean's extra division makes it twice as slow on this strided view of qkv).
     metric = k.sum(1) if need_metric else None
     return AttentionOut(o, imp, metric)
+
+
+def attention_single(attn: torch.nn.Module, qkv: Tensor, size: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Eager inference attention of one unpadded image that keeps its statistics raw, for the C kernel to reduce
+    (`fused_merge_prune`'s `probs` and `keys`): qkv (1, N, 3 * attn_dim), size (1, N, 1) for the log(size) key bias
+    or None for none. Returns the heads' output (1, N, attn_dim) before `attention_proj`, the probabilities
+    (h, N, N) and the keys (h, N, head_dim).
+
+    `attention_core`'s batch-1 products with none of its general layout handling: the same kernels on the same
+    operands, so the same values.
+    """
+    N = qkv.shape[1]
+    q, k, v = qkv.view(N, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3).unbind(0)  # (h, N, head_dim)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if size is None:
+        logits = torch.baddbmm(q.new_zeros(1, 1, 1), q, k.transpose(1, 2), alpha=attn.scale, beta=0.0)
+    else:  # key_bias's eager form
+        logits = torch.baddbmm((size - 1.0).log1p().view(1, 1, N), q, k.transpose(1, 2), alpha=attn.scale)
+    probs = logits.softmax(dim=-1)  # inference: attn_drop is the identity
+    return torch.bmm(probs, v).transpose(0, 1).reshape(1, N, attn.attn_dim), probs, k
 
 
 # Batched attention over at most this many tokens runs faster as explicit products than as torch's fused CPU kernel.
@@ -504,6 +538,8 @@ def fused_merge_prune(
     prune_threshold: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     min_width: int = 0,
+    probs: Optional[Tensor] = None,
+    keys: Optional[Tensor] = None,
 ) -> Optional[tuple[Tensor, Tensor, Optional[Tensor]]]:
     """An eval reduction step (merge, then prune, then compaction) in one C call (`ltmpctl/_kernels.c`), or None
     where the kernel can't serve: not built, or not an eager inference forward on float32 CPU tensors.
@@ -512,7 +548,8 @@ def fused_merge_prune(
     fraction of their time at small batches: at deit_tiny's batch 1 LTMP's step was ~20 torch ops, ~0.3 ms a block
     on a shared 2-core CPU, mostly their fixed costs.
 
-    x (T, C), size (T, 1): the tokens of `batch` images, packed image after image; mask: the bool padding mask
+    x (T, C), size (T, 1): the tokens of `batch` images, packed image after image (or one image's (1, T, C) and
+    (1, T, 1): the kept tokens then come back in that shape too); mask: the bool padding mask
     (batch, N) of a padded batch (real tokens first), None when every image has N = T / batch tokens. Merging:
     `node_idx` (batch, NA), each A token's B partner (`match`), and either `src_order` (batch, R), the A tokens that
     merge in the order they are added (ToMe), or `node_max` and `merge_threshold` (those above it merge, ascending:
@@ -522,24 +559,38 @@ def fused_merge_prune(
     importance is the max of its own and its sources'). Returns the kept tokens, packed, in the references' order
     (prefix, unmerged A, B) (T', C), their sizes (T', 1) and, with a mask, the new padding mask
     (batch, max(kept, min_width)).
+
+    One image (no mask) may come with `attention_single`'s raw statistics instead of importance and scores: `probs`
+    (h, N, N) and `keys` (h, N, head_dim), which the kernel reduces to importance and cosine similarity itself (the
+    torch forms' values up to rounding: the sums run in the kernel's order, not MKL's).
     """
-    if (_kernels is None or not eager() or x.dtype != torch.float32 or x.device.type != "cpu"
-            or (torch.is_grad_enabled() and x.requires_grad)):
+    if not kernel_ready(x):
         return None
-    T, C = x.shape
+    C = x.shape[-1]
+    T = x.numel() // C
     N = T // batch if mask is None else mask.shape[1]
     # In the C function's order: x, size, importance, mask, node_max, node_idx, scores, src_order.
     keep = [t if t is None else t.contiguous()
             for t in (x, size, importance, mask, node_max, node_idx, scores, src_order)]
-    out_x, out_size = x.new_empty(T, C), size.new_empty(T, 1)
+    out_x, out_size = torch.empty_like(keep[0]), torch.empty_like(keep[1])
     out_mask = torch.empty(batch * N, dtype=torch.bool) if mask is not None else None
     ptr = [0 if t is None else t.data_ptr() for t in keep + [out_x, out_size, out_mask]]
     na = scores.shape[1] if scores is not None else 0 if node_idx is None else node_idx.shape[1]
     r = 0 if src_order is None else src_order.shape[1]
     thresholds = (0.0 if t is None else float(t) for t in (merge_threshold, prune_threshold))
-    kept, width = _kernels.merge_prune(*ptr[:8], batch, N, na, r, C, num_prefix, *thresholds, *ptr[8:], min_width)
+    if probs is None and keys is None:
+        kept, width = _kernels.merge_prune(*ptr[:8], batch, N, na, r, C, num_prefix, *thresholds, *ptr[8:],
+                                           min_width)
+    else:  # held in names while the kernel reads them
+        probs = probs if probs is None else probs.contiguous()
+        keys = keys if keys is None or keys.stride(-1) == 1 else keys.contiguous()
+        h = (probs if probs is not None else keys).shape[0]
+        hd, key_h, key_n = (0, 0, 0) if keys is None else (keys.shape[2], keys.stride(0), keys.stride(1))
+        kept, width = _kernels.merge_prune(*ptr[:8], batch, N, na, r, C, num_prefix, *thresholds, *ptr[8:],
+                                           min_width, *(0 if t is None else t.data_ptr() for t in (probs, keys)),
+                                           h, hd, key_h, key_n)
     new_mask = None if out_mask is None else out_mask[:batch * width].view(batch, width)
-    return out_x[:kept], out_size[:kept], new_mask
+    return out_x.narrow(-2, 0, kept), out_size.narrow(-2, 0, kept), new_mask
 
 
 def real_rows(mask: Tensor) -> Tensor:

@@ -30,11 +30,13 @@ from ltmpctl.tokens import (
     AttentionOut,
     attention_core,
     attention_proj,
+    attention_single,
     best_partners,
     candidate_positions,
     compact,
     eager,
     fused_merge_prune,
+    kernel_ready,
     match,
     merge_rows,
     pack,
@@ -77,9 +79,46 @@ class LTMPBlock(TokenBlock):
     tau: float = 0.1
 
     def forward(self, x: Tensor, size: Tensor, mask: Optional[Tensor]):  # type: ignore[override]
-        if self.training or not eager() or (x.dim() == 3 and x.shape[0] == 1 and mask is None):
+        if self.training or not eager():
             return super().forward(x, size, mask)
+        if x.dim() == 3 and x.shape[0] == 1 and mask is None:
+            return self._forward_single(x, size) if kernel_ready(x) else super().forward(x, size, mask)
         return self._forward_packed(x, size, mask)
+
+    def _forward_single(self, x: Tensor, size: Tensor):
+        """Eager batch-1 inference where the C kernel serves (`kernel_ready`): attention hands its probabilities and
+        keys over raw, and one kernel call turns them into importance and similarities, merges, prunes and compacts
+        (`fused_merge_prune`). ~30 ops a block where `TokenBlock.forward` with `_reduce_single` called 57 (timm's
+        block: 18), each paying its fixed cost (demo at batch 1, 2 threads: latency over the base's 1.25 -> ~0.95).
+        Same decisions as `_reduce_single` up to the statistics' rounding, the same values given those decisions.
+        """
+        P, attn = self.num_prefix, self.attn
+        h = self.norm1(x)
+        qkv = attn.qkv(h)
+        with serial(h):
+            out, probs, keys = attention_single(attn, qkv, size if self.size_bias else None)
+        x = x + self.drop_path1(self.ls1(attention_proj(attn, out, h)))
+        with serial(x, reduce_ops=True):
+            x, size = self._reduce_raw(x, size, probs, keys)
+        return self._mlp_residual(x), size, None
+
+    def _reduce_raw(self, x: Tensor, size: Tensor, probs: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """`_forward_single`'s reduction step: the kernel on attention's raw probabilities (h, N, N) and keys."""
+        merge_threshold, prune_threshold = self._threshold_values()
+        fused = fused_merge_prune(x, size, self.num_prefix, merge_threshold=merge_threshold,
+                                  prune_threshold=prune_threshold, probs=probs, keys=keys)
+        assert fused is not None  # kernel_ready
+        return fused[0], fused[1]
+
+    def _threshold_values(self) -> tuple[float, float]:
+        """The two thresholds as Python floats, read again only when a threshold tensor is replaced or written to:
+        `float()` of a tensor is a kernel call, twice a block otherwise."""
+        m, p = self.merge_threshold, self.prune_threshold
+        c = self.__dict__.get("_threshold_cache")
+        if c is None or c[0] is not m or c[1] is not p or c[2] != (m._version, p._version):
+            c = self.__dict__["_threshold_cache"] = (m, p, (m._version, p._version), (float(m.detach()),
+                                                                                      float(p.detach())))
+        return c[3]
 
     def _forward_packed(self, x: Tensor, size: Tensor, mask: Optional[Tensor]):
         """Eager batched eval on packed tokens: x (T, C) and size (T, 1) hold only the batch's real tokens (each
@@ -182,7 +221,8 @@ class LTMPBlock(TokenBlock):
         return x, size, mask
 
     def _reduce_single(self, x: Tensor, size: Tensor, a: AttentionOut):
-        """Eager batch 1: no padding, so no mask to carry; tokens are simply selected (index_select), never padded.
+        """Eager batch 1 without the C kernel (`_forward_single` has it): no padding, so no mask to carry; tokens are
+        simply selected (index_select), never padded.
 
         Same decisions and values as the batched forms (`_reduce_packed`, `_reduce_eval`). ~20 small ops, none of
         which wakes the CPU thread pool at these sizes (the row accumulate and the topk compaction of
@@ -191,10 +231,6 @@ class LTMPBlock(TokenBlock):
         P = self.num_prefix
         N = x.shape[1]
         scores = similarity(a.metric, P) if N - P >= 2 else None  # else nothing to match: prune only
-        fused = fused_merge_prune(x[0], size[0], P, scores=scores, merge_threshold=self.merge_threshold,
-                                  importance=a.importance, prune_threshold=self.prune_threshold)
-        if fused is not None:
-            return fused[0].unsqueeze(0), fused[1].unsqueeze(0), None
         t = torch.cat([x * size, size], dim=-1)  # (1, N, C + 1): merged alike, gathered alike
         if scores is None:  # an image pruned to its prefix tokens and one more
             kept = (a.importance[0] > self.prune_threshold).nonzero().squeeze(1)

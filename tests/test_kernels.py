@@ -104,3 +104,52 @@ def test_kernel_row_max_ties_nan_and_padding_as_torch():
     assert node_idx[0, 0] == 0 and node_max[0, 1].isnan()
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("P", [1, 2, 5])
+@pytest.mark.parametrize("N_extra", [1, 2, 10, 49])
+def test_kernel_reduces_raw_attention_statistics_as_torch(P, N_extra):
+    """One image's raw probabilities and keys: the kernel's importance and cosine similarity decide what torch's
+    (`received_attention`, `similarity` of the keys' head sum) decide, and the kept tokens are bitwise the same;
+    strided keys (a view of qkv) and contiguous ones (after k_norm) alike."""
+    gen = torch.Generator().manual_seed(P * 100 + N_extra)
+    H, hd, C, N = 3, 8, 16, P + N_extra
+    qkv = torch.randn(1, N, 3, H, hd, generator=gen)
+    keys = qkv.permute(2, 0, 3, 1, 4)[1, 0]  # (H, N, hd), strided
+    probs = (torch.randn(H, N, N, generator=gen) * 3).softmax(-1)
+    x, size = torch.randn(1, N, C, generator=gen), torch.randint(1, 4, (1, N, 1), generator=gen).float()
+    imp = tokens.received_attention(probs.unsqueeze(0), None, P, fast=True)
+    na, nb = [t.shape[1] for t in tokens.split_ab(imp, P)]
+    scores = tokens.similarity(keys.sum(0, keepdim=True), P) if na and nb else None
+    for merge, prune in [(0.3, 0.9 / N), (0.0, 0.0), (1.0, 1.2 / N), (-1.0, 0.0)]:
+        want = tokens.fused_merge_prune(x, size, P, scores=scores, merge_threshold=merge, importance=imp,
+                                        prune_threshold=prune)
+        for k in (keys, keys.contiguous()):
+            got = tokens.fused_merge_prune(x, size, P, merge_threshold=merge, prune_threshold=prune, probs=probs,
+                                           keys=k)
+            assert got[0].shape == want[0].shape and got[2] is None
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    if N_extra == 49:  # merging everything into B, then pruning half: the statistics really decide
+        assert want[0].shape[1] < N
+
+
+def test_ltmp_batch_one_reads_thresholds_again_when_they_change(images):
+    """The eager batch-1 forward keeps the thresholds as floats between forwards; writing to a threshold in place,
+    or putting a new parameter in its place, is seen by the next forward."""
+    model = ltmpctl.apply(tiny_vit(depth=2), "ltmp", merge_threshold=1.0, prune_threshold=0.0)
+    x = images[:1]
+
+    def kept() -> int:
+        with torch.no_grad():
+            model(x)
+        return int(ltmpctl.token_counts(model)[0, -1, 1])
+
+    assert kept() == 65
+    with torch.no_grad():
+        model.blocks[0].merge_threshold.fill_(0.0)
+    merged = kept()
+    assert merged < 65
+    model.blocks[0].merge_threshold = torch.nn.Parameter(torch.tensor(1.0))
+    assert kept() == 65
+    model.blocks[1].prune_threshold = torch.nn.Parameter(torch.tensor(0.02))
+    assert kept() < 65
