@@ -538,8 +538,6 @@ def fused_merge_prune(
     prune_threshold: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     min_width: int = 0,
-    probs: Optional[Tensor] = None,
-    keys: Optional[Tensor] = None,
 ) -> Optional[tuple[Tensor, Tensor, Optional[Tensor]]]:
     """An eval reduction step (merge, then prune, then compaction) in one C call (`ltmpctl/_kernels.c`), or None
     where the kernel can't serve: not built, or not an eager inference forward on float32 CPU tensors.
@@ -559,10 +557,6 @@ def fused_merge_prune(
     importance is the max of its own and its sources'). Returns the kept tokens, packed, in the references' order
     (prefix, unmerged A, B) (T', C), their sizes (T', 1) and, with a mask, the new padding mask
     (batch, max(kept, min_width)).
-
-    One image (no mask) may come with `attention_single`'s raw statistics instead of importance and scores: `probs`
-    (h, N, N) and `keys` (h, N, head_dim), which the kernel reduces to importance and cosine similarity itself (the
-    torch forms' values up to rounding: the sums run in the kernel's order, not MKL's).
     """
     if not kernel_ready(x):
         return None
@@ -578,19 +572,31 @@ def fused_merge_prune(
     na = scores.shape[1] if scores is not None else 0 if node_idx is None else node_idx.shape[1]
     r = 0 if src_order is None else src_order.shape[1]
     thresholds = (0.0 if t is None else float(t) for t in (merge_threshold, prune_threshold))
-    if probs is None and keys is None:
-        kept, width = _kernels.merge_prune(*ptr[:8], batch, N, na, r, C, num_prefix, *thresholds, *ptr[8:],
-                                           min_width)
-    else:  # held in names while the kernel reads them
-        probs = probs if probs is None else probs.contiguous()
-        keys = keys if keys is None or keys.stride(-1) == 1 else keys.contiguous()
-        h = (probs if probs is not None else keys).shape[0]
-        hd, key_h, key_n = (0, 0, 0) if keys is None else (keys.shape[2], keys.stride(0), keys.stride(1))
-        kept, width = _kernels.merge_prune(*ptr[:8], batch, N, na, r, C, num_prefix, *thresholds, *ptr[8:],
-                                           min_width, *(0 if t is None else t.data_ptr() for t in (probs, keys)),
-                                           h, hd, key_h, key_n)
+    kept, width = _kernels.merge_prune(*ptr[:8], batch, N, na, r, C, num_prefix, *thresholds, *ptr[8:], min_width)
     new_mask = None if out_mask is None else out_mask[:batch * width].view(batch, width)
     return out_x.narrow(-2, 0, kept), out_size.narrow(-2, 0, kept), new_mask
+
+
+def merge_prune_raw(x: Tensor, size: Tensor, num_prefix: int, merge_threshold: float, prune_threshold: float,
+                    probs: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+    """LTMP's eval reduction step of one unpadded image in one C call from attention's raw statistics
+    (`attention_single`): `probs` (h, N, N) and `keys` (h, N, head_dim), which the kernel reduces to importance and
+    cosine similarity itself; x (1, N, C), size (1, N, 1). Returns the kept tokens (1, T', C) and sizes (1, T', 1).
+
+    The caller checks `kernel_ready`. Decisions are those of the torch statistics up to their rounding (the kernel
+    sums in its own order, MKL in its), the kept tokens' values bitwise `fused_merge_prune`'s for those decisions.
+    `fused_merge_prune` without its general argument handling: at the demo's batch 1 that wrapper took ~80 us of a
+    ~90 us step inside a forward, the C work ~14 us.
+    """
+    x, size, probs = x.contiguous(), size.contiguous(), probs.contiguous()  # no-ops as the block hands them over
+    keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+    h, N, hd = keys.shape
+    out_x, out_size = torch.empty_like(x), torch.empty_like(size)
+    kept, _ = _kernels.merge_prune(x.data_ptr(), size.data_ptr(), 0, 0, 0, 0, 0, 0, 1, N, 0, 0, x.shape[-1],
+                                   num_prefix, merge_threshold, prune_threshold, out_x.data_ptr(),
+                                   out_size.data_ptr(), 0, 0, probs.data_ptr(), keys.data_ptr(), h, hd,
+                                   keys.stride(0), keys.stride(1))
+    return out_x.narrow(-2, 0, kept), out_size.narrow(-2, 0, kept)
 
 
 def real_rows(mask: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ from ltmpctl.tokens import (
     fused_merge_prune,
     kernel_ready,
     match,
+    merge_prune_raw,
     merge_rows,
     pack,
     real_rows,
@@ -88,9 +89,10 @@ class LTMPBlock(TokenBlock):
     def _forward_single(self, x: Tensor, size: Tensor):
         """Eager batch-1 inference where the C kernel serves (`kernel_ready`): attention hands its probabilities and
         keys over raw, and one kernel call turns them into importance and similarities, merges, prunes and compacts
-        (`fused_merge_prune`). ~30 ops a block where `TokenBlock.forward` with `_reduce_single` called 57 (timm's
-        block: 18), each paying its fixed cost (demo at batch 1, 2 threads: latency over the base's 1.25 -> ~0.95).
-        Same decisions as `_reduce_single` up to the statistics' rounding, the same values given those decisions.
+        (`merge_prune_raw`). 30-31 aten calls a block where `TokenBlock.forward` with `_reduce_single` made 57-58
+        (timm's block: 19-20), each paying its fixed cost: `latency_vs_flops.py`, torch batch 1, latency over the
+        base's, deit_tiny 0.80-0.87 -> 0.75-0.81 and the demo 1.24-1.31 -> 1.08-1.11 (two runs each, 2-core AMD EPYC
+        VM). Same decisions as `_reduce_single` up to the statistics' rounding, the same values given those decisions.
         """
         P, attn = self.num_prefix, self.attn
         h = self.norm1(x)
@@ -104,11 +106,7 @@ class LTMPBlock(TokenBlock):
 
     def _reduce_raw(self, x: Tensor, size: Tensor, probs: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
         """`_forward_single`'s reduction step: the kernel on attention's raw probabilities (h, N, N) and keys."""
-        merge_threshold, prune_threshold = self._threshold_values()
-        fused = fused_merge_prune(x, size, self.num_prefix, merge_threshold=merge_threshold,
-                                  prune_threshold=prune_threshold, probs=probs, keys=keys)
-        assert fused is not None  # kernel_ready
-        return fused[0], fused[1]
+        return merge_prune_raw(x, size, self.num_prefix, *self._threshold_values(), probs, keys)
 
     def _threshold_values(self) -> tuple[float, float]:
         """The two thresholds as Python floats, read again only when a threshold tensor is replaced or written to:
