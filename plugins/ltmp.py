@@ -109,13 +109,13 @@ class LTMPBlock(TokenBlock):
         return merge_prune_raw(x, size, self.num_prefix, *self._threshold_values(), probs, keys)
 
     def _threshold_values(self) -> tuple[float, float]:
-        """The two thresholds as Python floats, read again only when a threshold tensor is replaced or written to:
-        `float()` of a tensor is a kernel call, twice a block otherwise."""
+        """The two thresholds as Python floats, read again only when a threshold parameter is replaced, written to in
+        place or given new data (`.data =`): `float()` of a tensor is a kernel call, twice a block otherwise."""
         m, p = self.merge_threshold, self.prune_threshold
+        state = (m._version, p._version, m.data_ptr(), p.data_ptr())
         c = self.__dict__.get("_threshold_cache")
-        if c is None or c[0] is not m or c[1] is not p or c[2] != (m._version, p._version):
-            c = self.__dict__["_threshold_cache"] = (m, p, (m._version, p._version), (float(m.detach()),
-                                                                                      float(p.detach())))
+        if c is None or c[0] is not m or c[1] is not p or c[2] != state:
+            c = self.__dict__["_threshold_cache"] = (m, p, state, (float(m.detach()), float(p.detach())))
         return c[3]
 
     def _forward_packed(self, x: Tensor, size: Tensor, mask: Optional[Tensor]):

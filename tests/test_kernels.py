@@ -134,7 +134,7 @@ def test_kernel_reduces_raw_attention_statistics_as_torch(P, N_extra):
 
 def test_ltmp_batch_one_reads_thresholds_again_when_they_change(images):
     """The eager batch-1 forward keeps the thresholds as floats between forwards; writing to a threshold in place,
-    or putting a new parameter in its place, is seen by the next forward."""
+    giving it new data or putting a new parameter in its place is seen by the next forward."""
     model = ltmpctl.apply(tiny_vit(depth=2), "ltmp", merge_threshold=1.0, prune_threshold=0.0)
     x = images[:1]
 
@@ -148,6 +148,10 @@ def test_ltmp_batch_one_reads_thresholds_again_when_they_change(images):
         model.blocks[0].merge_threshold.fill_(0.0)
     merged = kept()
     assert merged < 65
+    model.blocks[0].merge_threshold.data = torch.tensor(1.0)
+    assert kept() == 65
+    model.blocks[0].merge_threshold = torch.nn.Parameter(torch.tensor(0.0))
+    assert kept() == merged
     model.blocks[0].merge_threshold = torch.nn.Parameter(torch.tensor(1.0))
     assert kept() == 65
     model.blocks[1].prune_threshold = torch.nn.Parameter(torch.tensor(0.02))
