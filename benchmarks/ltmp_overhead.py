@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenM
 import torch  # noqa: E402
 
 from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
-from ltmpctl.compressor import TokenBlock, token_counts  # noqa: E402
+from ltmpctl.compressor import token_counts  # noqa: E402
 
 from latency_vs_flops import bound_of, ltmp_at, model_args, setup_line  # noqa: E402
 
@@ -35,7 +35,7 @@ def _slice_reduce(self: torch.nn.Module, x: torch.Tensor, size: torch.Tensor, ma
 
 def _slice_reduce_raw(self: torch.nn.Module, x: torch.Tensor, size: torch.Tensor, probs: torch.Tensor,
                       keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same for the batch-1 forward's kernel step (`LTMPBlock._reduce_raw`)."""
+    """The same for the batch-1 forward's kernel step (`LTMPBlock.reduce_raw`)."""
     return x[:, :self.kept], size[:, :self.kept]
 
 
@@ -49,10 +49,10 @@ def without_reduction(model: torch.nn.Module, x: torch.Tensor, statistics: bool)
     for blk, n in zip(out.blocks, kept):
         blk.kept = int(n)
         blk.reduce = types.MethodType(_slice_reduce, blk)
-        blk._reduce_raw = types.MethodType(_slice_reduce_raw, blk)
-        if not statistics:  # the general block forward, which then takes the fused attention kernel
+        blk.reduce_raw = types.MethodType(_slice_reduce_raw, blk)
+        if not statistics:  # the batch-1 block with keys only, which then takes the fused attention kernel
             blk.importance_mode, blk.need_metric = None, False
-            blk.forward = types.MethodType(TokenBlock.forward, blk)
+            blk.raw_probs = lambda n: False
     return out
 
 

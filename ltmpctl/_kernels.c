@@ -26,6 +26,13 @@ rows in order, divided by H * N; prefix keys +inf), and keys, the (H, N, hd) flo
 products with every B token). These are the torch forms' values up to rounding (their products and sums run in MKL's
 order); the decisions follow from them as above. In eager torch at batch 1 the same statistics were ~12 small ops a
 block (a head sum, a norm, a division, a product, the importance's scaling), each paying its fixed cost.
+With raw keys, R > 0 and no src_order (ToMe at batch 1), the kernel also ranks the A tokens itself: the R with the
+largest row maxima merge, most similar first, as torch's topk over the row maxima orders them (a NaN ranks highest;
+exact ties, which torch's topk leaves in no defined order, by position).
+
+keep_top (topk at batch 1): one image's prefix tokens and its `keep` most important other tokens, in their order,
+importance computed from the raw probabilities (H, N, N) as above ("mean"), or as the class token's attention averaged
+over heads ("cls"); rows and sizes copied as they are (what torch's gather does).
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -127,6 +134,24 @@ static void scores_of(float *restrict scores, const float *keys, Py_ssize_t key_
     }
 }
 
+/* A value and where it came from, for ranking: largest first, a NaN above every number (torch's topk), ties by
+   position. */
+typedef struct {
+    float v;
+    Py_ssize_t i;
+} ranked;
+
+static int rank_order(const void *pa, const void *pb) {
+    const ranked *a = pa, *b = pb;
+    const int na = isnan(a->v), nb = isnan(b->v);
+    if (na != nb) return na ? -1 : 1;
+    if (!na && a->v != b->v) return a->v > b->v ? -1 : 1;
+    return (a->i > b->i) - (a->i < b->i);
+}
+
+/* Sort n values into rank order (in place). */
+static void rank(ranked *r, Py_ssize_t n) { qsort(r, (size_t)n, sizeof(ranked), rank_order); }
+
 static PyObject *merge_prune(PyObject *self, PyObject *args) {
     unsigned long long px, psize, pimp, pmask, pmax, pidx, pscores, psrc, pox, pos, pom, pprobs = 0, pkeys = 0;
     Py_ssize_t B, N, NA, R, C, P, min_width, H = 0, hd = 0, key_h = 0, key_n = 0;
@@ -152,12 +177,14 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
     Py_ssize_t *dst_row = malloc(sizeof(Py_ssize_t) * (NB + 1)), *kept = malloc(sizeof(Py_ssize_t) * (B + 1));
     uint8_t *merged = malloc(NAmax + 1);
     int64_t *own_idx = malloc(sizeof(int64_t) * (NAmax + 1));  /* an image's matches, taken from scores */
+    int64_t *own_order = malloc(sizeof(int64_t) * (NAmax + 1));  /* ToMe's merge order, ranked here (raw keys) */
+    ranked *ranks = malloc(sizeof(ranked) * (NAmax + 1));
     /* The raw statistics' reductions: importance (N), scores (NA x NB), the metric (N x hd) and B's transpose. */
     const Py_ssize_t NBp = (NB + 15) / 16 * 16;
     const Py_ssize_t n_stats = (probs ? N : 0) + (keys ? NAmax * NB + N * hd + hd * NBp + NBp : 0);
     float *stats = malloc(sizeof(float) * (n_stats + 1));
-    if (!dst_imp || !dst_row || !kept || !merged || !own_idx || !stats) {
-        free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx), free(stats);
+    if (!dst_imp || !dst_row || !kept || !merged || !own_idx || !own_order || !ranks || !stats) {
+        free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx), free(own_order), free(ranks), free(stats);
         return PyErr_NoMemory();
     }
     Py_ssize_t row = 0, out = 0, width = min_width;
@@ -183,10 +210,21 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
         const int64_t *jb = node_idx ? node_idx + b * NA : own_idx, *ob = src_order ? src_order + b * R : NULL;
         const Py_ssize_t na = n > first_a ? (n - first_a + 1) / 2 : 0, nb = n > first_b ? (n - first_b + 1) / 2 : 0;
         const Py_ssize_t start = out;
+        Py_ssize_t r_b = R;
+        if (!ob && R > 0 && scores && nb > 0) {  /* ToMe from raw keys: the R most similar A tokens, ranked */
+            for (Py_ssize_t i = 0; i < na; i++) {
+                own_idx[i] = row_argmax(scores + (b * NA + i) * NB, nb, &ranks[i].v);
+                ranks[i].i = i;
+            }
+            rank(ranks, na);
+            if (r_b > na) r_b = na;
+            for (Py_ssize_t k = 0; k < r_b; k++) own_order[k] = ranks[k].i;
+            ob = own_order;
+        }
         /* Which A tokens merge: the given ones (ToMe's r most similar), or those above the threshold (LTMP). */
         memset(merged, 0, na);
         if (ob)
-            for (Py_ssize_t k = 0; k < R; k++) merged[ob[k]] = 1;
+            for (Py_ssize_t k = 0; k < r_b; k++) merged[ob[k]] = 1;
         else if (scores && nb > 0)
             for (Py_ssize_t i = 0; i < na; i++) {
                 float best;
@@ -229,7 +267,7 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
         }
         /* Sources into their (kept) destinations, in the reference's order (ascending, or ToMe's most similar
            first); a source whose destination was pruned goes with it. */
-        Py_ssize_t n_src = ob ? R : (matching ? na : 0);
+        Py_ssize_t n_src = ob ? r_b : (matching ? na : 0);
         for (Py_ssize_t k = 0; k < n_src; k++) {
             Py_ssize_t i = ob ? (Py_ssize_t)ob[k] : k;
             Py_ssize_t r = merged[i] ? dst_row[jb[i]] : -1;
@@ -249,12 +287,53 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
         for (Py_ssize_t b = 0; b < B; b++)
             for (Py_ssize_t p = 0; p < width; p++) out_mask[b * width + p] = p < kept[b];
     Py_END_ALLOW_THREADS
-    free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx), free(stats);
+    free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx), free(own_order), free(ranks), free(stats);
     return Py_BuildValue("nn", out, width);
+}
+
+static PyObject *keep_top(PyObject *self, PyObject *args) {
+    unsigned long long px, psize, pprobs, pox, pos;
+    Py_ssize_t H, N, C, P, keep;
+    int cls;
+    if (!PyArg_ParseTuple(args, "KKKnnnnnpKK", &px, &psize, &pprobs, &H, &N, &C, &P, &keep, &cls, &pox, &pos))
+        return NULL;
+    const float *x = as_ptr(px), *size = as_ptr(psize), *probs = as_ptr(pprobs);
+    float *out_x = as_ptr(pox), *out_size = as_ptr(pos);
+    if (P > N) P = N;
+    if (keep > N - P) keep = N - P;
+    if (keep < 0) keep = 0;
+    float *imp = malloc(sizeof(float) * (N + 1));
+    ranked *ranks = malloc(sizeof(ranked) * (N + 1));
+    uint8_t *kept = calloc((size_t)N + 1, 1);
+    if (!imp || !ranks || !kept) {
+        free(imp), free(ranks), free(kept);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t out = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (cls) {  /* probs[:, 0, :] averaged over the heads */
+        memcpy(imp, probs, sizeof(float) * N);
+        for (Py_ssize_t h = 1; h < H; h++) add_row(imp, probs + h * N * N, N);
+        for (Py_ssize_t j = 0; j < N; j++) imp[j] /= (float)H;
+    } else {
+        importance_of(imp, probs, H, N, P);
+    }
+    for (Py_ssize_t j = P; j < N; j++) ranks[j - P].v = imp[j], ranks[j - P].i = j;
+    rank(ranks, N - P);
+    for (Py_ssize_t k = 0; k < keep; k++) kept[ranks[k].i] = 1;
+    for (Py_ssize_t p = 0; p < N; p++)
+        if (p < P || kept[p]) {
+            memcpy(out_x + out * C, x + p * C, sizeof(float) * C);
+            out_size[out++] = size[p];
+        }
+    Py_END_ALLOW_THREADS
+    free(imp), free(ranks), free(kept);
+    return PyLong_FromSsize_t(out);
 }
 
 static PyMethodDef methods[] = {
     {"merge_prune", merge_prune, METH_VARARGS, "LTMP's eval reduction step on raw float32 buffers (see the source)."},
+    {"keep_top", keep_top, METH_VARARGS, "topk's batch-1 eval reduction step from raw probabilities (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 

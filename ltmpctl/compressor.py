@@ -16,7 +16,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from .errors import ConfigError, ModelError
-from .tokens import AttentionOut, attention, eager, real_rows, serial, unpack
+from .tokens import (AttentionOut, attention, attention_proj, attention_single, eager, kernel_ready, real_rows, serial,
+                     unpack)
 
 
 class Params(BaseModel):
@@ -50,6 +51,11 @@ class TokenBlock(Block):
     def forward(  # type: ignore[override]
         self, x: Tensor, size: Tensor, mask: Optional[Tensor]
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        # kernel_ready first: it rules out traced forms, where comparing the (symbolic) batch would add a guard.
+        if mask is None and not self.training and kernel_ready(x) and x.dim() == 3 and x.shape[0] == 1:
+            probs = self.raw_probs(x.shape[1])
+            if probs is not None:
+                return self._forward_single(x, size, probs)
         if mask is None and self.train_mask and self.training:
             mask = x.new_ones(x.shape[:2])
         a = attention(self.attn, self.norm1(x), size, mask, self.num_prefix,
@@ -60,6 +66,34 @@ class TokenBlock(Block):
         if self._mlp_gathers(x, mask):
             return _on_rows(x, mask, self._mlp_residual), size, mask
         return self._mlp_residual(x), size, mask
+
+    def _forward_single(self, x: Tensor, size: Tensor, probs: bool) -> tuple[Tensor, Tensor, None]:
+        """Eager inference of one image where the C kernel serves (`kernel_ready`) and the compressor has a raw step
+        (`raw_probs`): attention hands its probabilities (where `probs`) and keys over raw, and `reduce_raw` reduces
+        them, merges, prunes and compacts in one kernel call. Each small torch op costs ~10 us of fixed overhead inside
+        a forward on a shared CPU, several times what it costs in a loop; the statistics, matching and selection as
+        torch ops were 25-30 of them a block. Decisions are the torch forms' up to their statistics' rounding."""
+        attn = self.attn
+        h = self.norm1(x)
+        qkv = attn.qkv(h)
+        with serial(h):
+            out, p, keys = attention_single(attn, qkv, size if self.size_bias else None, probs)
+        x = x + self.drop_path1(self.ls1(attention_proj(attn, out, h)))
+        with serial(x, reduce_ops=True):
+            x, size = self.reduce_raw(x, size, p, keys)
+        return self._mlp_residual(x), size, None
+
+    def raw_probs(self, n: int) -> Optional[bool]:
+        """The eager batch-1 kernel step (`_forward_single`) for a sequence of n tokens: None where this block has
+        none (`reduce` serves every forward); else whether its `reduce_raw` needs attention's probabilities (False:
+        keys only, and the fused attention kernel runs)."""
+        return None
+
+    def reduce_raw(self, x: Tensor, size: Tensor, probs: Optional[Tensor], keys: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch-1 reduction step from attention's raw statistics (`ltmpctl.tokens.attention_single`): probs
+        (h, N, N) or None, keys (h, N, head_dim); x (1, N, C), size (1, N, 1) -> the kept tokens and sizes. Only
+        called where `raw_probs` is not None."""
+        raise NotImplementedError
 
     def _mlp_residual(self, x: Tensor) -> Tensor:
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -169,24 +169,44 @@ def attention_core(
     return AttentionOut(o, imp, metric)
 
 
-def attention_single(attn: torch.nn.Module, qkv: Tensor, size: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def attention_single(attn: torch.nn.Module, qkv: Tensor, size: Optional[Tensor], probs: bool = True
+                     ) -> tuple[Tensor, Optional[Tensor], Tensor]:
     """Eager inference attention of one unpadded image that keeps its statistics raw, for the C kernel to reduce
-    (`fused_merge_prune`'s `probs` and `keys`): qkv (1, N, 3 * attn_dim), size (1, N, 1) for the log(size) key bias
-    or None for none. Returns the heads' output (1, N, attn_dim) before `attention_proj`, the probabilities
-    (h, N, N) and the keys (h, N, head_dim).
+    (`merge_prune_raw`, `merge_top_raw`, `keep_top_raw`): qkv (1, N, 3 * attn_dim), size (1, N, 1) for the log(size)
+    key bias or None for none. Returns the heads' output (1, N, attn_dim) before `attention_proj`, the probabilities
+    (h, N, N) (None when `probs` is False: the fused kernel runs where timm's would) and the keys (h, N, head_dim).
 
     `attention_core`'s batch-1 products with none of its general layout handling: the same kernels on the same
     operands, so the same values.
     """
-    N = qkv.shape[1]
-    q, k, v = qkv.view(N, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3).unbind(0)  # (h, N, head_dim)
+    N, h, hd = qkv.shape[1], attn.num_heads, attn.head_dim
+    if not probs and attn.fused_attn:
+        q, k, v = qkv.view(1, N, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (1, h, N, head_dim)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        bias = None if size is None else (size - 1.0).log1p().view(1, 1, 1, N)  # key_bias's eager form
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return o.transpose(1, 2).reshape(1, N, attn.attn_dim), None, k[0]
+    q, k, v = qkv.view(N, 3, h, hd).permute(1, 2, 0, 3).unbind(0)  # (h, N, head_dim)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if size is None:
-        logits = torch.baddbmm(q.new_zeros(1, 1, 1), q, k.transpose(1, 2), alpha=attn.scale, beta=0.0)
+        logits = torch.baddbmm(_zero(q), q, k.transpose(1, 2), alpha=attn.scale, beta=0.0)
     else:  # key_bias's eager form
         logits = torch.baddbmm((size - 1.0).log1p().view(1, 1, N), q, k.transpose(1, 2), alpha=attn.scale)
-    probs = logits.softmax(dim=-1)  # inference: attn_drop is the identity
-    return torch.bmm(probs, v).transpose(0, 1).reshape(1, N, attn.attn_dim), probs, k
+    p = logits.softmax(dim=-1)  # inference: attn_drop is the identity
+    return torch.bmm(p, v).transpose(0, 1).reshape(1, N, attn.attn_dim), p, k
+
+
+_ZEROS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _zero(like: Tensor) -> Tensor:
+    """A (1, 1, 1) zero of `like`'s dtype and device, made once (eager only): baddbmm's ignored input (beta 0)."""
+    key = (like.dtype, like.device)
+    z = _ZEROS.get(key)
+    if z is None:
+        with torch.inference_mode(False):  # a normal tensor: later forwards may run with autograd on
+            z = _ZEROS[key] = torch.zeros(1, 1, 1, dtype=like.dtype, device=like.device)
+    return z
 
 
 # Batched attention over at most this many tokens runs faster as explicit products than as torch's fused CPU kernel.
@@ -588,14 +608,43 @@ def merge_prune_raw(x: Tensor, size: Tensor, num_prefix: int, merge_threshold: f
     `fused_merge_prune` without its general argument handling: at the demo's batch 1 that wrapper took ~80 us of a
     ~90 us step inside a forward, the C work ~14 us.
     """
-    x, size, probs = x.contiguous(), size.contiguous(), probs.contiguous()  # no-ops as the block hands them over
+    return _merge_raw(x, size, num_prefix, merge_threshold, prune_threshold, 0, probs, keys)
+
+
+def merge_top_raw(x: Tensor, size: Tensor, num_prefix: int, r: int, keys: Tensor) -> tuple[Tensor, Tensor]:
+    """ToMe's eval reduction step of one unpadded image in one C call from attention's raw keys (h, N, head_dim):
+    the kernel takes the cosine similarities of their head sum, each A token's best B partner, and merges the r A
+    tokens with the most similar partners, most similar first (1 <= r <= (N - num_prefix) // 2). x (1, N, C),
+    size (1, N, 1); returns the tokens (1, N - r, C) and sizes (1, N - r, 1). The caller checks `kernel_ready`.
+    Decisions are the torch statistics' up to their rounding; values bitwise `fused_merge_prune`'s for them."""
+    return _merge_raw(x, size, num_prefix, 0.0, 0.0, r, None, keys)
+
+
+def _merge_raw(x: Tensor, size: Tensor, num_prefix: int, merge_threshold: float, prune_threshold: float, r: int,
+               probs: Optional[Tensor], keys: Tensor) -> tuple[Tensor, Tensor]:
+    x, size = x.contiguous(), size.contiguous()  # no-ops as the blocks hand them over
     keys = keys if keys.stride(-1) == 1 else keys.contiguous()
     h, N, hd = keys.shape
     out_x, out_size = torch.empty_like(x), torch.empty_like(size)
-    kept, _ = _kernels.merge_prune(x.data_ptr(), size.data_ptr(), 0, 0, 0, 0, 0, 0, 1, N, 0, 0, x.shape[-1],
+    kept, _ = _kernels.merge_prune(x.data_ptr(), size.data_ptr(), 0, 0, 0, 0, 0, 0, 1, N, 0, r, x.shape[-1],
                                    num_prefix, merge_threshold, prune_threshold, out_x.data_ptr(),
-                                   out_size.data_ptr(), 0, 0, probs.data_ptr(), keys.data_ptr(), h, hd,
-                                   keys.stride(0), keys.stride(1))
+                                   out_size.data_ptr(), 0, 0, 0 if probs is None else probs.contiguous().data_ptr(),
+                                   keys.data_ptr(), h, hd, keys.stride(0), keys.stride(1))
+    return out_x.narrow(-2, 0, kept), out_size.narrow(-2, 0, kept)
+
+
+def keep_top_raw(x: Tensor, size: Tensor, num_prefix: int, keep: int, probs: Tensor, cls: bool = False
+                 ) -> tuple[Tensor, Tensor]:
+    """topk's eval reduction step of one unpadded image in one C call from attention's raw probabilities (h, N, N):
+    the prefix tokens and the `keep` other tokens of highest importance (mean attention received, or with `cls` the
+    class token's attention averaged over heads), in their order. x (1, N, C), size (1, N, 1); returns (1, P + keep,
+    C) and (1, P + keep, 1), rows copied as they are. The caller checks `kernel_ready`. Decisions are the torch
+    importance's up to its rounding (ties, which torch's topk breaks in no defined order, by position)."""
+    x, size, probs = x.contiguous(), size.contiguous(), probs.contiguous()
+    N, C = x.shape[1], x.shape[2]
+    out_x, out_size = torch.empty_like(x), torch.empty_like(size)
+    kept = _kernels.keep_top(x.data_ptr(), size.data_ptr(), probs.data_ptr(), probs.shape[0], N, C, num_prefix,
+                             keep, cls, out_x.data_ptr(), out_size.data_ptr())
     return out_x.narrow(-2, 0, kept), out_size.narrow(-2, 0, kept)
 
 

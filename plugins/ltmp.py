@@ -30,13 +30,11 @@ from ltmpctl.tokens import (
     AttentionOut,
     attention_core,
     attention_proj,
-    attention_single,
     best_partners,
     candidate_positions,
     compact,
     eager,
     fused_merge_prune,
-    kernel_ready,
     match,
     merge_prune_raw,
     merge_rows,
@@ -80,32 +78,18 @@ class LTMPBlock(TokenBlock):
     tau: float = 0.1
 
     def forward(self, x: Tensor, size: Tensor, mask: Optional[Tensor]):  # type: ignore[override]
-        if self.training or not eager():
-            return super().forward(x, size, mask)
-        if x.dim() == 3 and x.shape[0] == 1 and mask is None:
-            return self._forward_single(x, size) if kernel_ready(x) else super().forward(x, size, mask)
+        if self.training or not eager() or (x.dim() == 3 and x.shape[0] == 1 and mask is None):
+            return super().forward(x, size, mask)  # batch 1: the kernel step where it serves, else `_reduce_single`
         return self._forward_packed(x, size, mask)
 
-    def _forward_single(self, x: Tensor, size: Tensor):
-        """Eager batch-1 inference where the C kernel serves (`kernel_ready`): attention hands its probabilities and
-        keys over raw, and one kernel call turns them into importance and similarities, merges, prunes and compacts
-        (`merge_prune_raw`). 30-31 aten calls a block where `TokenBlock.forward` with `_reduce_single` made 57-58
-        (timm's block: 19-20), each paying its fixed cost: `latency_vs_flops.py`, torch batch 1, latency over the
-        base's, deit_tiny 0.80-0.87 -> 0.75-0.81 and the demo 1.24-1.31 -> 1.08-1.11 (two runs each, 2-core AMD EPYC
-        VM). Same decisions as `_reduce_single` up to the statistics' rounding, the same values given those decisions.
-        """
-        P, attn = self.num_prefix, self.attn
-        h = self.norm1(x)
-        qkv = attn.qkv(h)
-        with serial(h):
-            out, probs, keys = attention_single(attn, qkv, size if self.size_bias else None)
-        x = x + self.drop_path1(self.ls1(attention_proj(attn, out, h)))
-        with serial(x, reduce_ops=True):
-            x, size = self._reduce_raw(x, size, probs, keys)
-        return self._mlp_residual(x), size, None
+    def raw_probs(self, n: int) -> bool:
+        """Batch 1 (`TokenBlock._forward_single`): importance needs the probabilities in every block. 30-31 aten
+        calls a block where `_reduce_single`'s form made 57-58 (timm's block: 19-20): `latency_vs_flops.py`, torch
+        batch 1, latency over the base's, deit_tiny 0.80-0.87 -> 0.75-0.81 and the demo 1.24-1.31 -> 1.08-1.11 (two
+        runs each, 2-core AMD EPYC VM)."""
+        return True
 
-    def _reduce_raw(self, x: Tensor, size: Tensor, probs: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
-        """`_forward_single`'s reduction step: the kernel on attention's raw probabilities (h, N, N) and keys."""
+    def reduce_raw(self, x: Tensor, size: Tensor, probs: Optional[Tensor], keys: Tensor) -> tuple[Tensor, Tensor]:
         return merge_prune_raw(x, size, self.num_prefix, *self._threshold_values(), probs, keys)
 
     def _threshold_values(self) -> tuple[float, float]:
@@ -219,7 +203,7 @@ class LTMPBlock(TokenBlock):
         return x, size, mask
 
     def _reduce_single(self, x: Tensor, size: Tensor, a: AttentionOut):
-        """Eager batch 1 without the C kernel (`_forward_single` has it): no padding, so no mask to carry; tokens are
+        """Eager batch 1 without the C kernel (`TokenBlock._forward_single` has it): no padding, so no mask to carry; tokens are
         simply selected (index_select), never padded.
 
         Same decisions and values as the batched forms (`_reduce_packed`, `_reduce_eval`). ~20 small ops, none of

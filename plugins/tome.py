@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ltmpctl.compressor import Compressor, Knob, Params, TokenBlock, per_block
 from ltmpctl.flops import vit_shape
-from ltmpctl.tokens import AttentionOut, ascending, fused_merge_prune, match, scatter_merge, split_ab
+from ltmpctl.tokens import AttentionOut, ascending, fused_merge_prune, match, merge_top_raw, scatter_merge, split_ab
 
 
 def parse_r(depth: int, r: int, inflect: float) -> list[int]:
@@ -48,6 +48,14 @@ def _pick(t: Tensor, idx: Tensor) -> Tensor:
 class ToMeBlock(TokenBlock):
     need_metric = True
     r: int = 0
+
+    def raw_probs(self, n: int) -> bool:
+        """Batch 1: keys only, attention stays timm's fused kernel (`TokenBlock._forward_single`)."""
+        return False
+
+    def reduce_raw(self, x: Tensor, size: Tensor, probs: Optional[Tensor], keys: Tensor) -> tuple[Tensor, Tensor]:
+        r = min(self.r, (x.shape[1] - self.num_prefix) // 2)
+        return merge_top_raw(x, size, self.num_prefix, r, keys) if r > 0 else (x, size)
 
     def reduce(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
         P = self.num_prefix

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from ltmpctl.compressor import Compressor, Knob, Params, TokenBlock, per_block
-from ltmpctl.tokens import AttentionOut, ascending
+from ltmpctl.tokens import AttentionOut, ascending, keep_top_raw
 
 
 class TopKParams(Params):
@@ -36,10 +36,24 @@ class TopKBlock(TokenBlock):
     keep_rate: float = 1.0
     fuse: bool = False
 
+    def _keep(self, n: int) -> int:
+        """Non-prefix tokens kept of a sequence of n."""
+        return math.ceil(self.keep_rate * (n - self.num_prefix))
+
+    def raw_probs(self, n: int) -> Optional[bool]:
+        """Batch 1 (`TokenBlock._forward_single`): the probabilities where this block prunes, else timm's fused
+        attention kernel; `fuse` keeps the general form."""
+        return None if self.fuse else self._keep(n) < n - self.num_prefix
+
+    def reduce_raw(self, x: Tensor, size: Tensor, probs: Optional[Tensor], keys: Tensor) -> tuple[Tensor, Tensor]:
+        if probs is None:  # nothing to prune (`raw_probs`)
+            return x, size
+        return keep_top_raw(x, size, self.num_prefix, self._keep(x.shape[1]), probs, self.importance_mode == "cls")
+
     def reduce(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
         P = self.num_prefix
         B, N, C = x.shape
-        keep = math.ceil(self.keep_rate * (N - P))
+        keep = self._keep(N)
         if keep >= N - P:
             return x, size, mask
         imp = a.importance[:, P:]  # (B, N - P)

@@ -29,11 +29,14 @@ def _forwards(model, images):
 
 
 # ltmp: merging and pruning, merging only, pruning only, images pruned to their prefix tokens (prune 0.05), nothing
-# reduced at all; tome: a constant r, and a schedule that merges 80% of the tokens.
+# reduced at all; tome: a constant r, and a schedule that merges 80% of the tokens; topk: mean and class attention
+# (batch 1 in the kernel), and fused (the torch form at every batch).
 SETTINGS = [("ltmp", dict(merge_threshold=0.5, prune_threshold=0.02)), ("ltmp", dict(merge_threshold=0.3)),
             ("ltmp", dict(merge_threshold=1.0, prune_threshold=0.02)),
             ("ltmp", dict(merge_threshold=0.2, prune_threshold=0.05)), ("ltmp", dict(merge_threshold=1.0)),
-            ("tome", dict(r=8)), ("tome", dict(r=[20, 16, 10, 6]))]
+            ("tome", dict(r=8)), ("tome", dict(r=[20, 16, 10, 6])),
+            ("topk", dict(keep_rate=0.7)), ("topk", dict(keep_rate=0.5, importance="cls")),
+            ("topk", dict(keep_rate=0.6, fuse=True))]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -50,18 +53,20 @@ def test_kernel_matches_torch_bitwise(images, variant, name, params, monkeypatch
         assert fused[1][-1][:, -1, 1].min() < fused[1][-1][0, 0, 0], "the settings should reduce tokens"
 
 
-@pytest.mark.parametrize("name,params", [SETTINGS[0], SETTINGS[5]])
-def test_kernel_is_used_and_stays_out_of_autograd(images, name, params, monkeypatch):
-    """Eager no-grad eval forwards call it once per block; a forward that records gradients keeps the torch form."""
+@pytest.mark.parametrize("name,params,kernel", [SETTINGS[0] + ("merge_prune",), SETTINGS[5] + ("merge_prune",),
+                                                SETTINGS[7] + ("keep_top",)])
+def test_kernel_is_used_and_stays_out_of_autograd(images, name, params, kernel, monkeypatch):
+    """Eager no-grad eval forwards call it once per block (topk: at batch 1); a forward that records gradients keeps
+    the torch form."""
     model = ltmpctl.apply(tiny_vit(depth=4), name, **params)
     calls = []
-    real = tokens._kernels.merge_prune
-    monkeypatch.setattr(tokens, "_kernels", type("K", (), {"merge_prune": staticmethod(
+    real = getattr(tokens._kernels, kernel)
+    monkeypatch.setattr(tokens, "_kernels", type("K", (), {kernel: staticmethod(
         lambda *a: calls.append(a) or real(*a))}))
     with torch.no_grad():
         model(images[:1])
         model(images)
-    assert len(calls) == 2 * 4
+    assert len(calls) == (2 if kernel == "merge_prune" else 1) * 4
     calls.clear()
     out = model(images[:1])  # eval mode with autograd on: gradients must still flow to the input's producers
     assert not calls and out.requires_grad
@@ -156,3 +161,74 @@ def test_ltmp_batch_one_reads_thresholds_again_when_they_change(images):
     assert kept() == 65
     model.blocks[1].prune_threshold = torch.nn.Parameter(torch.tensor(0.02))
     assert kept() < 65
+
+
+def _keys_probs(P: int, N_extra: int, H: int = 3, hd: int = 8):
+    gen = torch.Generator().manual_seed(P * 100 + N_extra)
+    N = P + N_extra
+    keys = torch.randn(1, N, 3, H, hd, generator=gen).permute(2, 0, 3, 1, 4)[1, 0]  # (H, N, hd), strided
+    probs = (torch.randn(H, N, N, generator=gen) * 3).softmax(-1)
+    return N, keys, probs, gen
+
+
+@pytest.mark.parametrize("P", [1, 2, 5])
+@pytest.mark.parametrize("N_extra", [2, 3, 10, 49])
+def test_kernel_ranks_tome_merges_from_raw_keys_as_torch(P, N_extra):
+    """ToMe at batch 1 from raw keys: the kernel's similarities, partners and ranking give what torch's `match`, its
+    topk over the row maxima and `fused_merge_prune` with that order give, bitwise, for every r."""
+    N, keys, _, gen = _keys_probs(P, N_extra)
+    x, size = torch.randn(1, N, 16, generator=gen), torch.randint(1, 4, (1, N, 1), generator=gen).float()
+    node_max, node_idx = tokens.match(keys.sum(0, keepdim=True), P, None)
+    order = node_max.topk(node_max.shape[1], dim=-1).indices
+    for r in sorted({1, 2, N_extra // 3, N_extra // 2} & set(range(1, N_extra // 2 + 1))):
+        want = tokens.fused_merge_prune(x, size, P, node_idx=node_idx, src_order=order[:, :r])
+        for k in (keys, keys.contiguous()):
+            got = tokens.merge_top_raw(x, size, P, r, k)
+            assert got[0].shape == (1, N - r, 16)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_kernel_tome_ranking_breaks_ties_by_position_and_ranks_nan_first():
+    """Equal row maxima (two A tokens with the same keys) rank by position; a NaN maximum (a zero key's cosine)
+    ranks above every number, as torch's topk puts it."""
+    P, C = 1, 4
+    keys = torch.randn(2, 9, 8, generator=torch.Generator().manual_seed(3))  # A = 2, 4, 6, 8; B = 1, 3, 5, 7
+    keys[:, 4] = keys[:, 2]  # A tokens 0 and 1 alike: the same best partner, the same similarity
+    keys[:, 1] = keys[:, 2] * 2.0  # ... and it is B token 0 at similarity 1, the highest there is
+    x, size = torch.randn(1, 9, C), torch.ones(1, 9, 1)
+    out, out_size = tokens.merge_top_raw(x, size, P, 1, keys)
+    # A token 0 (position 2) merged into B token 0 (position 1); A token 1 (position 4) kept, first of the A's.
+    assert torch.equal(out[0, 1], x[0, 4]) and out_size[0, -4] == 2.0
+    keys[:, 8] = 0.0  # A token 3: a zero metric, NaN similarities, a NaN maximum: ranked first, never a NaN merge
+    node_max, _ = tokens.match(keys.sum(0, keepdim=True), P, None)
+    assert node_max[0, 3].isnan() and node_max.topk(4).indices[0, 0] == 3
+    out, out_size = tokens.merge_top_raw(x, size, P, 1, keys)
+    # Position 8 merged into its partner, the first of its NaN row (B token 0, position 1).
+    assert out_size[0, :, 0].tolist() == [1, 1, 1, 1, 2, 1, 1, 1]
+    assert torch.equal(out[0, :4], x[0, [0, 2, 4, 6]]) and torch.equal(out[0, 4], (x[0, 1] + x[0, 8]) / 2)
+
+
+@pytest.mark.parametrize("P", [1, 2, 5])
+@pytest.mark.parametrize("N_extra", [1, 2, 10, 49])
+@pytest.mark.parametrize("cls", [False, True])
+def test_kernel_keeps_topk_from_raw_probabilities_as_torch(P, N_extra, cls):
+    """topk at batch 1: the kernel's importance (mean attention received, or the class token's over heads) keeps
+    the tokens torch's importance and topk keep, in their order, rows copied bitwise."""
+    N, _, probs, gen = _keys_probs(P, N_extra)
+    x, size = torch.randn(1, N, 16, generator=gen), torch.ones(1, N, 1)
+    p4 = probs.unsqueeze(0)
+    imp = p4[:, :, 0, :].mean(1) if cls else tokens.received_attention(p4, None, P, fast=True)
+    for keep in sorted({0, 1, N_extra // 2, N_extra - 1, N_extra}):
+        top = tokens.ascending(imp[:, P:].topk(keep, dim=1).indices) + P
+        rows = torch.cat([torch.arange(P), top[0]])
+        got = tokens.keep_top_raw(x, size, P, keep, probs, cls)
+        assert torch.equal(got[0], x[:, rows]) and torch.equal(got[1], size[:, rows])
+
+
+def test_kernel_topk_ties_keep_the_first():
+    """Equal importance at the cut: the earlier token is kept (torch's topk leaves the choice open)."""
+    P, N = 1, 5
+    probs = torch.full((2, N, N), 1.0 / N)  # every token receives the same attention
+    x, size = torch.randn(1, N, 4), torch.ones(1, N, 1)
+    got, _ = tokens.keep_top_raw(x, size, P, 2, probs)
+    assert torch.equal(got, x[:, [0, 1, 2]])
