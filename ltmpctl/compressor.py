@@ -3,7 +3,9 @@
 A compressor patches a live timm `VisionTransformer` by swapping classes (as ToMe does), never copying timm's
 forward bodies: the model class gets a `forward_features` that threads token sizes and masks through the blocks,
 and each timm `Block` becomes a `TokenBlock` that calls the block's own `norm1`, `attn` submodules, `ls1`,
-`drop_path1`, then the compressor's `reduce`, then `norm2`, `mlp`, `ls2`, `drop_path2`.
+`drop_path1`, then the compressor's `reduce`, then `norm2`, `mlp`, `ls2`, `drop_path2`. A compressor may also give
+its block a batch-1 inference step on attention's raw statistics (`TokenBlock.raw_probs` / `reduce_raw`, one C
+kernel call), which eager single-image forwards then take instead of `reduce`.
 """
 from __future__ import annotations
 

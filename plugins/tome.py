@@ -4,6 +4,10 @@ Per block after attention: bipartite soft matching between alternating token set
 the r A-tokens with the most similar B partner merged into it (size-weighted average), proportional attention.
 Unlike ToMe's own timm patch, LayerScale is kept, and every prefix token (distillation, registers) stays in front
 instead of only the class token.
+
+Eager inference of one image (C kernel built): attention stays the fused kernel and hands its keys over raw; one
+kernel call takes their similarities, each A token's partner, ranks the A tokens and merges the r most similar
+(`reduce_raw`). Batched, traced and training forwards run `reduce`.
 """
 from __future__ import annotations
 

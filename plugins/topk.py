@@ -3,6 +3,10 @@
 Per block after attention: keep ceil(keep_rate * n) of the n non-prefix tokens with the highest importance (mean
 attention received, or the class token's attention as in EViT); with `fuse`, the pruned tokens are folded into one
 extra token, weighted by importance. Token counts depend only on the input length, so batching and export are plain.
+
+Eager inference of one image without `fuse` (C kernel built): attention hands its probabilities over raw where the
+block prunes (the fused kernel runs where it doesn't), and one kernel call computes importance and keeps the top
+tokens (`reduce_raw`). Batched, traced and training forwards run `reduce`.
 """
 from __future__ import annotations
 
