@@ -184,7 +184,8 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
     const Py_ssize_t n_stats = (probs ? N : 0) + (keys ? NAmax * NB + N * hd + hd * NBp + NBp : 0);
     float *stats = malloc(sizeof(float) * (n_stats + 1));
     if (!dst_imp || !dst_row || !kept || !merged || !own_idx || !own_order || !ranks || !stats) {
-        free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx), free(own_order), free(ranks), free(stats);
+        free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx), free(own_order), free(ranks);
+        free(stats);
         return PyErr_NoMemory();
     }
     Py_ssize_t row = 0, out = 0, width = min_width;
@@ -231,7 +232,7 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
                 own_idx[i] = row_argmax(scores + (b * NA + i) * NB, nb, &best);
                 merged[i] = best > merge_thr;
             }
-        else if (node_idx)
+        else if (node_idx && node_max)  /* node_idx with src_order but none given (R = 0): nothing merges */
             for (Py_ssize_t i = 0; i < na; i++) merged[i] = node_max[b * NA + i] > merge_thr;
         /* A destination's importance becomes the max of its own and its merged sources'. */
         if (ib) {
@@ -287,7 +288,8 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
         for (Py_ssize_t b = 0; b < B; b++)
             for (Py_ssize_t p = 0; p < width; p++) out_mask[b * width + p] = p < kept[b];
     Py_END_ALLOW_THREADS
-    free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx), free(own_order), free(ranks), free(stats);
+    free(dst_imp), free(dst_row), free(kept), free(merged), free(own_idx), free(own_order), free(ranks);
+    free(stats);
     return Py_BuildValue("nn", out, width);
 }
 

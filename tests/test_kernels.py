@@ -232,3 +232,11 @@ def test_kernel_topk_ties_keep_the_first():
     x, size = torch.randn(1, N, 4), torch.ones(1, N, 1)
     got, _ = tokens.keep_top_raw(x, size, P, 2, probs)
     assert torch.equal(got, x[:, [0, 1, 2]])
+
+
+def test_kernel_empty_merge_order_merges_nothing():
+    """ToMe's form with r = 0 (an empty src_order, no row maxima): every token kept, in the reference's order."""
+    x, size = torch.randn(9, 4), torch.ones(9, 1)
+    node_idx = torch.zeros(1, 4, dtype=torch.long)
+    out, out_size, _ = tokens.fused_merge_prune(x, size, 1, node_idx=node_idx, src_order=node_idx[:, :0])
+    assert torch.equal(out, x[[0, 2, 4, 6, 8, 1, 3, 5, 7]]) and torch.equal(out_size, size)
