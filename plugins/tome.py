@@ -73,8 +73,9 @@ class ToMeBlock(TokenBlock):
         unm_idx = ascending(edge_idx[:, r:])  # the rest keep their order
         dst_idx = node_idx.gather(1, src_idx)
 
-        # Whole rows out of the flattened batch, by row index: gathers and scatters with an index expanded over the
-        # features were ~60% of ExecuTorch's portable-kernel time in tome's deit_tiny program.
+        # Whole rows out of the flattened batch, by row index, not gathers and scatter_adds with an index expanded over
+        # the features: ExecuTorch's portable kernels run those slowly (deit_tiny's tome .pte at batch 1 went from
+        # 0.73 / 0.62 to 0.65 / 0.59 of the base's latency, two interleaved runs; the same logits).
         first_a, first_b = ab_starts(P)
         start = torch.arange(B, device=x.device).unsqueeze(1) * N  # (B, 1): each image's first row
         src_rows = (start + first_a + 2 * src_idx).reshape(-1)
