@@ -623,12 +623,13 @@ def merge_top_raw(x: Tensor, size: Tensor, num_prefix: int, r: int, keys: Tensor
 def _merge_raw(x: Tensor, size: Tensor, num_prefix: int, merge_threshold: float, prune_threshold: float, r: int,
                probs: Optional[Tensor], keys: Tensor) -> tuple[Tensor, Tensor]:
     x, size = x.contiguous(), size.contiguous()  # no-ops as the blocks hand them over
+    probs = None if probs is None else probs.contiguous()  # held here: the kernel reads it after this line
     keys = keys if keys.stride(-1) == 1 else keys.contiguous()
     h, N, hd = keys.shape
     out_x, out_size = torch.empty_like(x), torch.empty_like(size)
     kept, _ = _kernels.merge_prune(x.data_ptr(), size.data_ptr(), 0, 0, 0, 0, 0, 0, 1, N, 0, r, x.shape[-1],
                                    num_prefix, merge_threshold, prune_threshold, out_x.data_ptr(),
-                                   out_size.data_ptr(), 0, 0, 0 if probs is None else probs.contiguous().data_ptr(),
+                                   out_size.data_ptr(), 0, 0, 0 if probs is None else probs.data_ptr(),
                                    keys.data_ptr(), h, hd, keys.stride(0), keys.stride(1))
     return out_x.narrow(-2, 0, kept), out_size.narrow(-2, 0, kept)
 

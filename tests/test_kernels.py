@@ -129,8 +129,9 @@ def test_kernel_reduces_raw_attention_statistics_as_torch(P, N_extra):
     for merge, prune in [(0.3, 0.9 / N), (0.0, 0.0), (1.0, 1.2 / N), (-1.0, 0.0)]:
         want = tokens.fused_merge_prune(x, size, P, scores=scores, merge_threshold=merge, importance=imp,
                                         prune_threshold=prune)
-        for k in (keys, keys.contiguous()):
-            got = tokens.merge_prune_raw(x, size, P, merge, prune, probs, k)
+        strided = probs.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, not contiguous
+        for k, pr in ((keys, probs), (keys.contiguous(), probs), (keys, strided)):
+            got = tokens.merge_prune_raw(x, size, P, merge, prune, pr, k)
             assert got[0].shape == want[0].shape
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     if N_extra == 49:  # merging everything into B, then pruning half: the statistics really decide
