@@ -212,11 +212,13 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
         const Py_ssize_t na = n > first_a ? (n - first_a + 1) / 2 : 0, nb = n > first_b ? (n - first_b + 1) / 2 : 0;
         const Py_ssize_t start = out;
         Py_ssize_t r_b = R;
-        if (!ob && R > 0 && scores && nb > 0) {  /* ToMe from raw keys: the R most similar A tokens, ranked */
+        const int own_max = !ob && scores && nb > 0;  /* the matching's row maxima taken here, from the scores */
+        if (own_max)
             for (Py_ssize_t i = 0; i < na; i++) {
                 own_idx[i] = row_argmax(scores + (b * NA + i) * NB, nb, &ranks[i].v);
                 ranks[i].i = i;
             }
+        if (own_max && R > 0) {  /* ToMe from raw keys: the R most similar A tokens, ranked */
             rank(ranks, na);
             if (r_b > na) r_b = na;
             for (Py_ssize_t k = 0; k < r_b; k++) own_order[k] = ranks[k].i;
@@ -226,12 +228,8 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
         memset(merged, 0, na);
         if (ob)
             for (Py_ssize_t k = 0; k < r_b; k++) merged[ob[k]] = 1;
-        else if (scores && nb > 0)
-            for (Py_ssize_t i = 0; i < na; i++) {
-                float best;
-                own_idx[i] = row_argmax(scores + (b * NA + i) * NB, nb, &best);
-                merged[i] = best > merge_thr;
-            }
+        else if (own_max)
+            for (Py_ssize_t i = 0; i < na; i++) merged[i] = ranks[i].v > merge_thr;
         else if (node_idx && node_max)  /* node_idx with src_order but none given (R = 0): nothing merges */
             for (Py_ssize_t i = 0; i < na; i++) merged[i] = node_max[b * NA + i] > merge_thr;
         /* A destination's importance becomes the max of its own and its merged sources'. */

@@ -52,14 +52,18 @@ class ToMeBlock(TokenBlock):
         """Batch 1: keys only, attention stays timm's fused kernel (`TokenBlock._forward_single`)."""
         return False
 
+    def _merges(self, n: int) -> int:
+        """Tokens merged in a sequence of n: r, at most half the non-prefix tokens."""
+        return min(self.r, (n - self.num_prefix) // 2)
+
     def reduce_raw(self, x: Tensor, size: Tensor, probs: Optional[Tensor], keys: Tensor) -> tuple[Tensor, Tensor]:
-        r = min(self.r, (x.shape[1] - self.num_prefix) // 2)
+        r = self._merges(x.shape[1])
         return merge_top_raw(x, size, self.num_prefix, r, keys) if r > 0 else (x, size)
 
     def reduce(self, x: Tensor, size: Tensor, mask: Optional[Tensor], a: AttentionOut):
         P = self.num_prefix
         B, N, C = x.shape
-        r = min(self.r, (N - P) // 2)
+        r = self._merges(N)
         if r <= 0:
             return x, size, mask
         node_max, node_idx = match(a.metric, P, None)  # (B, NA)
@@ -83,6 +87,8 @@ class ToMeBlock(TokenBlock):
         dst = torch.arange(first_b, N, 2, device=x.device).expand(B, -1)
         rows = (torch.cat([prefix, first_a + 2 * unm_idx, dst], dim=1) + start).reshape(-1)  # prefix, unmerged A, B
         out = []
+        # x * size and size each on their own: one (B, N, C + 1) tensor divided through a strided slice of it broke
+        # the ONNX export (its decomposition made the next block's attention reshape a view of a transposed tensor).
         for t in (x * size, size):  # sources added to their B rows in src_idx's order, then the kept rows in order
             t = merge_rows(t, dst_idx, t.reshape(B * N, -1).index_select(0, src_rows).view(B, r, -1), P)
             out.append(t.reshape(B * N, -1).index_select(0, rows).view(B, N - r, -1))
