@@ -81,8 +81,8 @@ class TokenBlock(Block):
         with serial(h):
             out, p, keys = attention_single(attn, qkv, size if self.size_bias else None, probs)
         x = x + self.drop_path1(self.ls1(attention_proj(attn, out, h)))
-        with serial(x, reduce_ops=True):
-            x, size = self.reduce_raw(x, size, p, keys)
+        # No `serial` scope: the step is one single-threaded C call and two allocations, which never use the pool.
+        x, size = self.reduce_raw(x, size, p, keys)
         return self._mlp_residual(x), size, None
 
     def raw_probs(self, n: int) -> Optional[bool]:
