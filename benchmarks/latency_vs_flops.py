@@ -16,6 +16,9 @@ to FLOPs at batch 1. lat/FLOPs = latency ratio / FLOPs ratio
 blocks fed the compressor's token schedule by plain slicing (torch rows where every image of the batch keeps the
 same counts; shared/SPEED.md). ops/blk = aten ops called from Python per forward, over the blocks (torch rows; the
 plain timm block is the base row). `--profile` adds where each forward's time goes.
+The `A/A` rows time a second copy of the base (the same file for onnxruntime and ExecuTorch) in the same interleave:
+its latency ratio, 1.000 on a quiet machine, is the table's own noise floor (a shared 2-core VM's busy hour put it at
+0.97-1.20 at batch 1).
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ def demo() -> tuple[str, torch.nn.Module, Callable[[int, int], torch.Tensor]]:
 
 
 MODELS = {"deit_tiny": deit_tiny, "demo": demo}
+CONTROL = "A/A"  # a copy of the base timed as one more model: the noise floor of every ratio
 
 
 def model_args(doc: str, repeats: int, batches: list[int]) -> argparse.ArgumentParser:
@@ -166,8 +170,9 @@ def measure(key: str, args: argparse.Namespace, tmp: Path) -> tuple[list[dict], 
                                                      ("executorch", "mobile", args.executorch)) if on}
     methods, files = in_fresh_process(prepare, key, args.target, args.threads, args.batches, formats, tmp)
     label, base, images = MODELS[key]()
-    models = compressed(base, methods)
-    params = {"base": "", **{name: short(p) for name, p, _ in methods}}
+    models = {**compressed(base, methods), CONTROL: copy.deepcopy(base)}
+    files = {backend: {**named, CONTROL: named["base"]} for backend, named in files.items()}
+    params = {"base": "", **{name: short(p) for name, p, _ in methods}, CONTROL: "a copy of the base"}
     timed = timed_images(images, args.batches)
     input_shape = tuple(timed.shape[1:])
     depth = len(base.blocks)
@@ -175,7 +180,8 @@ def measure(key: str, args: argparse.Namespace, tmp: Path) -> tuple[list[dict], 
     for batch in args.batches:
         x = timed[:batch]
         print(f"{label}: batch {batch}", flush=True)
-        bounds = {n: b for n, m in models.items() if n != "base" and (b := bound_of(base, m, x)) is not None}
+        bounds = {n: b for n, m in models.items()
+                  if n not in ("base", CONTROL) and (b := bound_of(base, m, x)) is not None}
         torch_rows = bench_torch_models([*models.values(), *bounds.values()], input_shape, batch, args.warmup,
                                         args.repeats, threads=args.threads, images=x)
         bound_ratio = {n: compare_rows(torch_rows[0], row, None)["latency_ratio"]
