@@ -17,7 +17,7 @@ blocks fed the compressor's token schedule by plain slicing (torch rows where ev
 same counts; shared/SPEED.md). ops/blk = aten ops called from Python per forward, over the blocks (torch rows; the
 plain timm block is the base row). `--profile` adds where each forward's time goes.
 The `A/A` rows time a second copy of the base (the same file for onnxruntime and ExecuTorch) in the same interleave:
-its latency ratio, 1.000 on a quiet machine, is the table's own noise floor (a shared 2-core VM's busy hour put it at
+their latency ratio, 1.000 on a quiet machine, is the table's own noise floor (a shared 2-core VM's busy hour put it at
 0.97-1.20 at batch 1).
 """
 from __future__ import annotations
