@@ -1,12 +1,13 @@
 """Where ltmp's batched eager forward spends its time, part by part: ms per forward in each piece of the packed
 block (`LTMPBlock._forward_packed`: the per-token layers, the padded layout for attention, the attention core, the
-reduction and, inside it, the matching), with both models' p50 (timed interleaved) beside it, at ~0.5 FLOPs.
+reduction and, inside it, the C kernel's step from attention's raw statistics), with both models' p50 (timed
+interleaved) beside it, at ~0.5 FLOPs.
 
     OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/ltmp_phases.py --threads 2 --batches 32 --models deit_tiny
     OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/ltmp_phases.py --threads 2 --batches 64 --models demo
 
 Each part is timed with `perf_counter` around its call (CPU ops run synchronously), over --repeats forwards after
-two warm-up forwards; parts nest (matching is inside the reduction), so they do not add up to the whole.
+two warm-up forwards; parts nest (the kernel step is inside the reduction), so they do not add up to the whole.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 from latency_vs_flops import ltmp_at, model_args, setup_line  # noqa: E402
 
 # Functions the packed block calls by their module-level names, and its methods, timed as parts.
-FUNCTIONS = ("unpack_qkv", "attention_core", "pack", "attention_proj", "match")
+FUNCTIONS = ("unpack_qkv", "attention_core", "pack", "attention_proj", "merge_prune_raw_packed")
 METHODS = ("_reduce_packed",)
 MODULES = ("norm1", "attn.qkv", "norm2", "mlp")
 

@@ -19,13 +19,16 @@ the A tokens that merge, in the order they are added (ToMe's r most similar, mos
 (T, C), out_size (T,), out_mask (B * N bytes, or NULL for none; the first B * width hold the new (B, width) mask),
 where width = max(kept per image, min_width). Returns (kept rows T', width).
 
-One image (B = 1, no mask) may instead hand over the raw attention statistics, which the kernel reduces itself:
-probs (H, N, N) float32, the attention probabilities (importance: each key's column sum over the H * N query rows,
-rows in order, divided by H * N; prefix keys +inf), and keys, the (H, N, hd) float32 keys at element strides
-(key_h, key_n, 1) (ToMe's metric: their sum over heads, divided by its L2 norm; the scores: each A token's dot
-products with every B token). These are the torch forms' values up to rounding (their products and sums run in MKL's
-order); the decisions follow from them as above. In eager torch at batch 1 the same statistics were ~12 small ops a
-block (a head sum, a norm, a division, a product, the importance's scaling), each paying its fixed cost.
+The raw attention statistics may stand in for importance and the matching, which the kernel then reduces itself,
+image by image: probs, each image's H float32 (N, N) matrices of attention probabilities at prob_b floats from image
+to image and prob_h from head to head (importance: each key's column sum over the image's H * n real query rows,
+rows in order, divided by H * n; prefix keys +inf), and keys, float32 at element strides (key_b, key_h, key_n, 1)
+for (B, H, N, hd) (ToMe's metric: their sum over heads, divided by its L2 norm; the scores: each A token's dot
+products with every B token). One image of N tokens (B = 1, no mask) gives the same statistics as it does inside a
+padded batch (padding keys have probability 0, padding rows and columns are never read). These are the torch forms'
+values up to rounding (their products and sums run in MKL's order); the decisions follow from them as above. In eager
+torch the same statistics were ~12 small ops a block (a head sum, a norm, a division, a product, the importance's
+scaling, the padding's weights), each paying its fixed cost.
 With raw keys, R > 0 and no src_order (ToMe at batch 1), the kernel also ranks the A tokens itself: the R with the
 largest row maxima merge, most similar first, as torch's topk over the row maxima orders them (a NaN ranks highest;
 exact ties, which torch's topk leaves in no defined order, by position).
@@ -101,13 +104,16 @@ VECTOR static void dot_row(float *restrict out, const float *restrict a, const f
     }
 }
 
-/* Importance (N,) of one image from its attention probabilities (H, N, N): mean attention received over every
-   (head, query) row, prefix tokens +inf. */
-static void importance_of(float *restrict imp, const float *restrict probs, Py_ssize_t H, Py_ssize_t N, Py_ssize_t P) {
+/* Importance (N,) of one image from its attention probabilities (H matrices of N x N, prob_h floats apart), of which
+   the first n rows and columns are real (the rest padding, whose probabilities are 0): mean attention received over
+   every real (head, query) row, in order, prefix tokens +inf; padding positions get 0. */
+static void importance_of(float *restrict imp, const float *restrict probs, Py_ssize_t H, Py_ssize_t prob_h,
+                          Py_ssize_t N, Py_ssize_t n, Py_ssize_t P) {
     memset(imp, 0, sizeof(float) * N);
-    for (Py_ssize_t r = 0; r < H * N; r++) add_row(imp, probs + r * N, N);
-    const float rows = (float)(H * N);
-    for (Py_ssize_t j = 0; j < N; j++) imp[j] = j < P ? INFINITY : imp[j] / rows;
+    for (Py_ssize_t h = 0; h < H; h++)
+        for (Py_ssize_t r = 0; r < n; r++) add_row(imp, probs + h * prob_h + r * N, n);
+    const float rows = (float)(H * n);
+    for (Py_ssize_t j = 0; j < n; j++) imp[j] = j < P ? INFINITY : imp[j] / rows;
 }
 
 /* Cosine similarity (na, nb) of one image's A tokens to its B tokens by the head sum of its keys (rows at key_n,
@@ -154,18 +160,19 @@ static void rank(ranked *r, Py_ssize_t n) { qsort(r, (size_t)n, sizeof(ranked), 
 
 static PyObject *merge_prune(PyObject *self, PyObject *args) {
     unsigned long long px, psize, pimp, pmask, pmax, pidx, pscores, psrc, pox, pos, pom, pprobs = 0, pkeys = 0;
-    Py_ssize_t B, N, NA, R, C, P, min_width, H = 0, hd = 0, key_h = 0, key_n = 0;
+    Py_ssize_t B, N, NA, R, C, P, min_width, H = 0, hd = 0, key_h = 0, key_n = 0, key_b = 0, prob_h = 0, prob_b = 0;
     double merge_thr, prune_thr;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKnnnnnnddKKKn|KKnnnn", &px, &psize, &pimp, &pmask, &pmax, &pidx, &pscores,
+    if (!PyArg_ParseTuple(args, "KKKKKKKKnnnnnnddKKKn|KKnnnnnnn", &px, &psize, &pimp, &pmask, &pmax, &pidx, &pscores,
                           &psrc, &B, &N, &NA, &R, &C, &P, &merge_thr, &prune_thr, &pox, &pos, &pom, &min_width,
-                          &pprobs, &pkeys, &H, &hd, &key_h, &key_n))
+                          &pprobs, &pkeys, &H, &hd, &key_h, &key_n, &key_b, &prob_h, &prob_b))
         return NULL;
     const float *x = as_ptr(px), *size = as_ptr(psize), *imp = as_ptr(pimp), *node_max = as_ptr(pmax);
     const float *scores = as_ptr(pscores), *probs = as_ptr(pprobs), *keys = as_ptr(pkeys);
-    if ((probs || keys) && (B != 1 || pmask)) {
-        PyErr_SetString(PyExc_ValueError, "raw attention statistics are for one image without padding");
+    if ((probs || keys) && (imp || scores || pidx || pmax || psrc)) {
+        PyErr_SetString(PyExc_ValueError, "raw attention statistics replace importance and the matching");
         return NULL;
     }
+    if (probs && prob_h == 0) prob_h = N * N;  /* one image's (H, N, N), contiguous */
     const uint8_t *mask = as_ptr(pmask);
     const int64_t *node_idx = as_ptr(pidx), *src_order = as_ptr(psrc);
     float *out_x = as_ptr(pox), *out_size = as_ptr(pos);
@@ -179,7 +186,8 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
     int64_t *own_idx = malloc(sizeof(int64_t) * (NAmax + 1));  /* an image's matches, taken from scores */
     int64_t *own_order = malloc(sizeof(int64_t) * (NAmax + 1));  /* ToMe's merge order, ranked here (raw keys) */
     ranked *ranks = malloc(sizeof(ranked) * (NAmax + 1));
-    /* The raw statistics' reductions: importance (N), scores (NA x NB), the metric (N x hd) and B's transpose. */
+    /* The raw statistics' reductions, one image at a time: importance (N), scores (NA x NB), the metric (N x hd)
+       and B's transpose. */
     const Py_ssize_t NBp = (NB + 15) / 16 * 16;
     const Py_ssize_t n_stats = (probs ? N : 0) + (keys ? NAmax * NB + N * hd + hd * NBp + NBp : 0);
     float *stats = malloc(sizeof(float) * (n_stats + 1));
@@ -190,17 +198,8 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
     }
     Py_ssize_t row = 0, out = 0, width = min_width;
     Py_BEGIN_ALLOW_THREADS
-    if (probs) {
-        importance_of(stats, probs, H, N, P);
-        imp = stats;
-    }
-    if (keys && NAmax > 0 && NB > 0) {
-        float *sc = stats + (probs ? N : 0);
-        float *metric = sc + NAmax * NB, *bt = metric + N * hd;
-        scores_of(sc, keys, key_h, key_n, H, N, hd, first_a, first_b, NAmax, NB, NBp, metric, bt, bt + hd * NBp);
-        scores = sc, NA = NAmax;
-    }
-    const int matching = node_idx != NULL || scores != NULL;
+    float *raw_imp = stats, *raw_scores = stats + (probs ? N : 0);
+    const int matching = node_idx != NULL || scores != NULL || keys != NULL;
     for (Py_ssize_t b = 0; b < B; b++) {
         Py_ssize_t n = N;
         if (mask) {
@@ -210,12 +209,26 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
         const float *xb = x + row * C, *sb = size + row, *ib = imp ? imp + b * N : NULL;
         const int64_t *jb = node_idx ? node_idx + b * NA : own_idx, *ob = src_order ? src_order + b * R : NULL;
         const Py_ssize_t na = n > first_a ? (n - first_a + 1) / 2 : 0, nb = n > first_b ? (n - first_b + 1) / 2 : 0;
+        /* This image's scores (na rows of at least nb), given or reduced here from its raw keys. */
+        const float *scb = scores ? scores + b * NA * NB : NULL;
+        Py_ssize_t s_row = NB;
+        if (probs) {
+            importance_of(raw_imp, probs + b * prob_b, H, prob_h, N, n, P);
+            ib = raw_imp;
+        }
+        if (keys && na > 0 && nb > 0) {
+            const Py_ssize_t nbp = (nb + 15) / 16 * 16;
+            float *metric = raw_scores + NAmax * NB, *bt = metric + N * hd;
+            scores_of(raw_scores, keys + b * key_b, key_h, key_n, H, n, hd, first_a, first_b, na, nb, nbp, metric,
+                      bt, bt + hd * nbp);
+            scb = raw_scores, s_row = nb;
+        }
         const Py_ssize_t start = out;
         Py_ssize_t r_b = R;
-        const int own_max = !ob && scores && nb > 0;  /* the matching's row maxima taken here, from the scores */
+        const int own_max = !ob && scb && nb > 0;  /* the matching's row maxima taken here, from the scores */
         if (own_max)
             for (Py_ssize_t i = 0; i < na; i++) {
-                own_idx[i] = row_argmax(scores + (b * NA + i) * NB, nb, &ranks[i].v);
+                own_idx[i] = row_argmax(scb + i * s_row, nb, &ranks[i].v);
                 ranks[i].i = i;
             }
         if (own_max && R > 0) {  /* ToMe from raw keys: the R most similar A tokens, ranked */
@@ -316,7 +329,7 @@ static PyObject *keep_top(PyObject *self, PyObject *args) {
         for (Py_ssize_t h = 1; h < H; h++) add_row(imp, probs + h * N * N, N);
         for (Py_ssize_t j = 0; j < N; j++) imp[j] /= (float)H;
     } else {
-        importance_of(imp, probs, H, N, P);
+        importance_of(imp, probs, H, N * N, N, N, P);
     }
     for (Py_ssize_t j = P; j < N; j++) ranks[j - P].v = imp[j], ranks[j - P].i = j;
     rank(ranks, N - P);

@@ -32,6 +32,10 @@ class AttentionOut(NamedTuple):
     out: Tensor  # (B, N, C) attention branch output (before LayerScale / drop path)
     importance: Optional[Tensor]  # (B, N) mean attention received; +inf on prefix tokens
     metric: Optional[Tensor]  # (B, N, head_dim) keys averaged over heads (ToMe's similarity metric)
+    # `attention_core(raw=True)`: the statistics unreduced, for the C kernel (`merge_prune_raw`) in place of the two
+    # above: probabilities (B, h, N, N) and keys (B, h, N, head_dim).
+    probs: Optional[Tensor] = None
+    keys: Optional[Tensor] = None
 
 
 def kernel_ready(x: Tensor) -> bool:
@@ -139,9 +143,12 @@ def attention_core(
     importance: Optional[str],
     need_metric: bool,
     prop_attn: bool = True,
+    raw: bool = False,
 ) -> AttentionOut:
     """`attention` from the qkv projection (B, N, 3 * attn_dim), or `unpack_qkv`'s (B, N, 3, h, head_dim), on:
-    `out` is the heads' output (B, N, attn_dim) before `attention_proj`."""
+    `out` is the heads' output (B, N, attn_dim) before `attention_proj`. `raw` (eval, with an importance): the
+    probabilities and keys are handed over as they are (`AttentionOut.probs` / `.keys`) instead of the importance and
+    metric, for the C kernel to reduce."""
     B, N = qkv.shape[:2]
     h, hd = attn.num_heads, attn.head_dim
     q, k, v = qkv.reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, hd) each
@@ -150,14 +157,16 @@ def attention_core(
     bias = key_bias(size, mask, prop_attn, fast)  # (B, 1, 1, N) or None
 
     imp = None
-    if importance is None and mask is None and attn.fused_attn and not (fast and explicit_wins(B, N)):
+    if importance is None and not raw and mask is None and attn.fused_attn and not (fast and explicit_wins(B, N)):
         # Fast path (tome, identity): the fused kernel, nothing but the output needed.
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
     else:
         probs = attention_probs(q, k, attn.scale, bias, mask, attn.training, fast)  # (B, h, N, N)
-        if importance == "cls":
+        if raw:
+            pass  # reduced by the kernel
+        elif importance == "cls":
             imp = prefix_inf(probs[:, :, 0, :].mean(1), num_prefix, fast)
         elif importance is not None:
             imp = received_attention(probs, mask, num_prefix, fast)
@@ -165,6 +174,8 @@ def attention_core(
     o = o.transpose(1, 2).reshape(B, N, attn.attn_dim)
     # ToMe's metric is the head-mean of the keys; it only enters through cosine similarity, which is scale-free, so
     # the head sum serves (the mean's extra division makes it twice as slow on this strided view of qkv).
+    if raw:
+        return AttentionOut(o, None, None, probs, k)
     metric = k.sum(1) if need_metric else None
     return AttentionOut(o, imp, metric)
 
@@ -620,18 +631,40 @@ def merge_top_raw(x: Tensor, size: Tensor, num_prefix: int, r: int, keys: Tensor
     return _merge_raw(x, size, num_prefix, 0.0, 0.0, r, None, keys)
 
 
+def merge_prune_raw_packed(x: Tensor, size: Tensor, num_prefix: int, merge_threshold: float,
+                           prune_threshold: float, probs: Tensor, keys: Tensor, mask: Tensor, min_width: int
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    """`merge_prune_raw` for a padded batch whose tokens are packed (`LTMPBlock._forward_packed`): x (T, C) and size
+    (T, 1) the real tokens, probs (B, h, N, N) and keys (B, h, N, head_dim) padded as the bool mask (B, N) says
+    (`attention_core(raw=True)`, any order of the batch and head dims in memory). Returns the kept tokens (T', C),
+    sizes (T', 1) and the new mask (B, max(kept, min_width)), each image's as `merge_prune_raw` gives it alone.
+
+    Replaces `received_attention`, the metric's head sum and `similarity` (~12 torch ops a block, which on 2 threads
+    each wake the pool) with the kernel's per-image loops. The caller checks `kernel_ready`."""
+    return _merge_raw(x, size, num_prefix, merge_threshold, prune_threshold, 0, probs, keys, mask, min_width)
+
+
 def _merge_raw(x: Tensor, size: Tensor, num_prefix: int, merge_threshold: float, prune_threshold: float, r: int,
-               probs: Optional[Tensor], keys: Tensor) -> tuple[Tensor, Tensor]:
+               probs: Optional[Tensor], keys: Tensor, mask: Optional[Tensor] = None, min_width: int = 0) -> tuple:
     x, size = x.contiguous(), size.contiguous()  # no-ops as the blocks hand them over
-    probs = None if probs is None else probs.contiguous()  # held here: the kernel reads it after this line
+    if keys.dim() == 3:  # one image's (h, N, hd)
+        probs, keys = None if probs is None else probs.unsqueeze(0), keys.unsqueeze(0)
+    # Each (N, N) matrix and each key row contiguous; held here: the kernel reads them after this line.
+    if probs is not None and (probs.stride(-1) != 1 or probs.stride(-2) != probs.shape[-1]):
+        probs = probs.contiguous()
     keys = keys if keys.stride(-1) == 1 else keys.contiguous()
-    h, N, hd = keys.shape
+    B, h, N, hd = keys.shape
     out_x, out_size = torch.empty_like(x), torch.empty_like(size)
-    kept, _ = _kernels.merge_prune(x.data_ptr(), size.data_ptr(), 0, 0, 0, 0, 0, 0, 1, N, 0, r, x.shape[-1],
-                                   num_prefix, merge_threshold, prune_threshold, out_x.data_ptr(),
-                                   out_size.data_ptr(), 0, 0, 0 if probs is None else probs.data_ptr(),
-                                   keys.data_ptr(), h, hd, keys.stride(0), keys.stride(1))
-    return out_x.narrow(-2, 0, kept), out_size.narrow(-2, 0, kept)
+    out_mask = None if mask is None else torch.empty(B * N, dtype=torch.bool)
+    mask = None if mask is None else mask.contiguous()
+    kept, width = _kernels.merge_prune(
+        x.data_ptr(), size.data_ptr(), 0, 0 if mask is None else mask.data_ptr(), 0, 0, 0, 0, B, N, 0, r,
+        x.shape[-1], num_prefix, merge_threshold, prune_threshold, out_x.data_ptr(), out_size.data_ptr(),
+        0 if out_mask is None else out_mask.data_ptr(), min_width, 0 if probs is None else probs.data_ptr(),
+        keys.data_ptr(), h, hd, keys.stride(1), keys.stride(2), keys.stride(0),
+        0 if probs is None else probs.stride(1), 0 if probs is None else probs.stride(0))
+    x, size = out_x.narrow(-2, 0, kept), out_size.narrow(-2, 0, kept)
+    return (x, size) if out_mask is None else (x, size, out_mask[:B * width].view(B, width))
 
 
 def keep_top_raw(x: Tensor, size: Tensor, num_prefix: int, keep: int, probs: Tensor, cls: bool = False

@@ -35,8 +35,10 @@ from ltmpctl.tokens import (
     compact,
     eager,
     fused_merge_prune,
+    kernel_ready,
     match,
     merge_prune_raw,
+    merge_prune_raw_packed,
     merge_rows,
     pack,
     real_rows,
@@ -105,8 +107,10 @@ class LTMPBlock(TokenBlock):
     def _forward_packed(self, x: Tensor, size: Tensor, mask: Optional[Tensor]):
         """Eager batched eval on packed tokens: x (T, C) and size (T, 1) hold only the batch's real tokens (each
         image's first `counts` positions of the padded mask (B, N)), so the per-token layers (norms, qkv, proj, MLP)
-        and the merging cost the sum of the images' own counts. Only attention's N x N products and the matching
-        run padded (B, N, *), the padding masked out. Hands on packed tokens; the model unpacks after the last block.
+        and the merging cost the sum of the images' own counts. Only attention's N x N products run padded
+        (B, N, *), the padding masked out; where the C kernel is built, importance and matching are reduced from the
+        raw probabilities and keys image by image with the step (`merge_prune_raw_packed`), else as torch ops on the
+        padded statistics. Hands on packed tokens; the model unpacks after the last block.
         """
         if x.dim() == 3 and mask is None:  # the first block, before any reduction: every token is real
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
@@ -118,8 +122,9 @@ class LTMPBlock(TokenBlock):
         h = self.norm1(x)
         qkv = unpack_qkv(self.attn.qkv(h), mask, self.attn.num_heads, rows)  # heads-major: no copies in attention
         with serial(h):
+            # With the kernel, attention hands its probabilities and keys over raw (`merge_prune_raw_packed`).
             a = attention_core(self.attn, qkv, unpack(size, mask, rows), key_mask, self.num_prefix,
-                               self.importance_mode, self.need_metric, self.size_bias)
+                               self.importance_mode, self.need_metric, self.size_bias, raw=kernel_ready(x))
             out = pack(a.out, mask, rows)
         x = x + self.drop_path1(self.ls1(attention_proj(self.attn, out, h)))
         with serial(x, reduce_ops=True):
@@ -132,8 +137,10 @@ class LTMPBlock(TokenBlock):
         token order per image as batch 1 (`_reduce_single`)."""
         P = self.num_prefix
         B, N = mask.shape
-        scores = similarity(a.metric, P)  # padding rows and columns: the kernel reads each image's real ones
         # A floor of prefix + 2 positions, so that the next block's A/B split has a token on each side.
+        if a.probs is not None:  # attention's raw statistics: the kernel reduces them image by image
+            return merge_prune_raw_packed(x, size, P, *self._threshold_values(), a.probs, a.keys, mask, P + 2)
+        scores = similarity(a.metric, P)  # padding rows and columns: the kernel reads each image's real ones
         fused = fused_merge_prune(x, size, P, B, scores=scores, merge_threshold=self.merge_threshold,
                                   importance=a.importance, prune_threshold=self.prune_threshold, mask=mask,
                                   min_width=P + 2)

@@ -164,6 +164,43 @@ def test_ltmp_batch_one_reads_thresholds_again_when_they_change(images):
     assert kept() < 65
 
 
+@pytest.mark.parametrize("P", [1, 2])
+@pytest.mark.parametrize("heads_major", [False, True])
+def test_kernel_reduces_a_padded_batch_image_by_image(P, heads_major):
+    """Raw statistics of a padded batch (`merge_prune_raw_packed`): each image's kept tokens, sizes and count are
+    bitwise what its own statistics give alone (`merge_prune_raw`); padding (NaN here) is never read, in either
+    memory order of the batch and head dims (`unpack_qkv` lays them out heads-major)."""
+    gen = torch.Generator().manual_seed(7 + P)
+    H, hd, C, N = 3, 8, 16, P + 30
+    counts = [N, P + 1, P + 2, P + 17, P + 30, P + 9]  # down to nothing to match (P + 1)
+    B = len(counts)
+    mask = torch.arange(N) < torch.tensor(counts).unsqueeze(1)
+    shape = (H, B) if heads_major else (B, H)
+    probs = torch.full(shape + (N, N), float("nan"))
+    keys = torch.full(shape + (N, hd), float("nan"))
+    pv, kv = (probs.transpose(0, 1), keys.transpose(0, 1)) if heads_major else (probs, keys)  # (B, H, ...) views
+    singles = []
+    for b, n in enumerate(counts):
+        k = torch.randn(H, n, hd, generator=gen)
+        pr = (torch.randn(H, n, n, generator=gen) * 3).softmax(-1)
+        kv[b, :, :n], pv[b, :, :n, :n] = k, pr
+        pv[b, :, :n, n:] = 0.0  # a padding key's probability, as the masked softmax gives it
+        x, size = torch.randn(1, n, C, generator=gen), torch.randint(1, 4, (1, n, 1), generator=gen).float()
+        singles.append((x, size, pr, k))
+    x = torch.cat([s[0][0] for s in singles])
+    size = torch.cat([s[1][0] for s in singles])
+    for merge, prune in [(0.3, 0.03), (0.0, 0.0), (1.0, 0.05), (-1.0, 0.0)]:
+        got_x, got_size, got_mask = tokens.merge_prune_raw_packed(x, size, P, merge, prune, pv, kv, mask, P + 2)
+        row = 0
+        for b, (xs, ss, pr, k) in enumerate(singles):
+            want_x, want_size = tokens.merge_prune_raw(xs, ss, P, merge, prune, pr, k)
+            kept = want_x.shape[1]
+            assert int(got_mask[b].sum()) == kept and bool(got_mask[b, :kept].all())
+            assert torch.equal(got_x[row:row + kept], want_x[0]) and torch.equal(got_size[row:row + kept], want_size[0])
+            row += kept
+        assert row == got_x.shape[0] and got_mask.shape[1] == max(P + 2, int(got_mask.sum(1).max()))
+
+
 def _keys_probs(P: int, N_extra: int, H: int = 3, hd: int = 8):
     gen = torch.Generator().manual_seed(P * 100 + N_extra)
     N = P + N_extra
