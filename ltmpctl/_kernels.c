@@ -344,9 +344,36 @@ static PyObject *keep_top(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(out);
 }
 
+/* unpack_heads: a padded batch's qkv projections laid out heads-major for attention (tokens.unpack_qkv). qkv (T, G * hd)
+float32, the real tokens' rows packed image after image in the order of the bool mask (B, N); out (G, B * N, hd):
+out[g, b * N + n] = the g-th hd-wide slice of the row of token (b, n) where the mask is set, zeros where it is not.
+One pass of hd-wide copies, where torch's strided index_copy and index_fill took several. */
+static PyObject *unpack_heads(PyObject *self, PyObject *args) {
+    unsigned long long pqkv, pmask, pout;
+    Py_ssize_t B, N, G, hd;
+    if (!PyArg_ParseTuple(args, "KKnnnnK", &pqkv, &pmask, &B, &N, &G, &hd, &pout)) return NULL;
+    const float *qkv = as_ptr(pqkv);
+    const uint8_t *mask = as_ptr(pmask);
+    float *out = as_ptr(pout);
+    Py_BEGIN_ALLOW_THREADS
+    const Py_ssize_t BN = B * N, width = G * hd;
+    const float *src = qkv;
+    for (Py_ssize_t row = 0; row < BN; row++) {
+        if (mask[row]) {
+            for (Py_ssize_t g = 0; g < G; g++) memcpy(out + (g * BN + row) * hd, src + g * hd, sizeof(float) * hd);
+            src += width;
+        } else {
+            for (Py_ssize_t g = 0; g < G; g++) memset(out + (g * BN + row) * hd, 0, sizeof(float) * hd);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"merge_prune", merge_prune, METH_VARARGS, "LTMP's eval reduction step on raw float32 buffers (see the source)."},
     {"keep_top", keep_top, METH_VARARGS, "topk's batch-1 eval reduction step from raw probabilities (see the source)."},
+    {"unpack_heads", unpack_heads, METH_VARARGS, "packed qkv rows -> padded heads-major layout (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,5 +1,6 @@
 """The C reduction kernel (`ltmpctl/_kernels.c`) against the torch forms it stands in for: bitwise the same."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -61,8 +62,8 @@ def test_kernel_is_used_and_stays_out_of_autograd(images, name, params, kernel, 
     model = ltmpctl.apply(tiny_vit(depth=4), name, **params)
     calls = []
     real = getattr(tokens._kernels, kernel)
-    monkeypatch.setattr(tokens, "_kernels", type("K", (), {kernel: staticmethod(
-        lambda *a: calls.append(a) or real(*a))}))
+    others = {n: getattr(tokens._kernels, n) for n in ("merge_prune", "keep_top", "unpack_heads")}
+    monkeypatch.setattr(tokens, "_kernels", SimpleNamespace(**{**others, kernel: lambda *a: calls.append(a) or real(*a)}))
     with torch.no_grad():
         model(images[:1])
         model(images)
@@ -278,3 +279,17 @@ def test_kernel_empty_merge_order_merges_nothing():
     node_idx = torch.zeros(1, 4, dtype=torch.long)
     out, out_size, _ = tokens.fused_merge_prune(x, size, 1, node_idx=node_idx, src_order=node_idx[:, :0])
     assert torch.equal(out, x[[0, 2, 4, 6, 8, 1, 3, 5, 7]]) and torch.equal(out_size, size)
+
+
+@pytest.mark.parametrize("counts", [[5, 2, 7], [7, 7, 7], [1, 7, 3]])
+def test_unpack_qkv_kernel_lays_out_heads_as_torch(counts, monkeypatch):
+    """The packed qkv rows of a padded batch, heads-major with zeros in the padding: the kernel's copy is bitwise
+    torch's index_copy and index_fill (same values, same layout)."""
+    B, N, h, hd = len(counts), max(counts), 2, 4
+    mask = torch.arange(N) < torch.tensor(counts).unsqueeze(1)
+    qkv = torch.randn(sum(counts), 3 * h * hd, generator=torch.Generator().manual_seed(sum(counts)))
+    got = tokens.unpack_qkv(qkv, mask, h)
+    monkeypatch.setattr(tokens, "_kernels", None)
+    want = tokens.unpack_qkv(qkv, mask, h)
+    assert torch.equal(got, want) and got.stride() == want.stride()
+    assert torch.equal(got[~mask], torch.zeros_like(got[~mask]))
