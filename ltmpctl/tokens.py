@@ -647,13 +647,16 @@ def merge_prune_raw_packed(x: Tensor, size: Tensor, num_prefix: int, merge_thres
 def _merge_raw(x: Tensor, size: Tensor, num_prefix: int, merge_threshold: float, prune_threshold: float, r: int,
                probs: Optional[Tensor], keys: Tensor, mask: Optional[Tensor] = None, min_width: int = 0) -> tuple:
     x, size = x.contiguous(), size.contiguous()  # no-ops as the blocks hand them over
-    if keys.dim() == 3:  # one image's (h, N, hd)
-        probs, keys = None if probs is None else probs.unsqueeze(0), keys.unsqueeze(0)
     # Each (N, N) matrix and each key row contiguous; held here: the kernel reads them after this line.
     if probs is not None and (probs.stride(-1) != 1 or probs.stride(-2) != probs.shape[-1]):
         probs = probs.contiguous()
     keys = keys if keys.stride(-1) == 1 else keys.contiguous()
-    B, h, N, hd = keys.shape
+    # One image's (h, N, *) or a batch's (B, h, N, *): strides of the batch, head and row dims (no views made: at
+    # batch 1 each would be one more op a block).
+    one = keys.dim() == 3
+    B, (h, N, hd) = (1 if one else keys.shape[0]), keys.shape[-3:]
+    key_b, key_h, key_n = (0,) * one + keys.stride()[:-1]
+    prob_b, prob_h = (0, 0) if probs is None else (0,) * one + probs.stride()[:-2]
     out_x, out_size = torch.empty_like(x), torch.empty_like(size)
     out_mask = None if mask is None else torch.empty(B * N, dtype=torch.bool)
     mask = None if mask is None else mask.contiguous()
@@ -661,8 +664,7 @@ def _merge_raw(x: Tensor, size: Tensor, num_prefix: int, merge_threshold: float,
         x.data_ptr(), size.data_ptr(), 0, 0 if mask is None else mask.data_ptr(), 0, 0, 0, 0, B, N, 0, r,
         x.shape[-1], num_prefix, merge_threshold, prune_threshold, out_x.data_ptr(), out_size.data_ptr(),
         0 if out_mask is None else out_mask.data_ptr(), min_width, 0 if probs is None else probs.data_ptr(),
-        keys.data_ptr(), h, hd, keys.stride(1), keys.stride(2), keys.stride(0),
-        0 if probs is None else probs.stride(1), 0 if probs is None else probs.stride(0))
+        keys.data_ptr(), h, hd, key_h, key_n, key_b, prob_h, prob_b)
     x, size = out_x.narrow(-2, 0, kept), out_size.narrow(-2, 0, kept)
     return (x, size) if out_mask is None else (x, size, out_mask[:B * width].view(B, width))
 
