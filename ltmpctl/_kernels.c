@@ -344,10 +344,10 @@ static PyObject *keep_top(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(out);
 }
 
-/* unpack_heads: a padded batch's qkv projections laid out heads-major for attention (tokens.unpack_qkv). qkv (T, G * hd)
-float32, the real tokens' rows packed image after image in the order of the bool mask (B, N); out (G, B * N, hd):
-out[g, b * N + n] = the g-th hd-wide slice of the row of token (b, n) where the mask is set, zeros where it is not.
-One pass of hd-wide copies, where torch's strided index_copy and index_fill took several. */
+/* unpack_heads: a padded batch's qkv projections laid out heads-major for attention (tokens.unpack_qkv). qkv
+(T, G * hd) float32, the real tokens' rows packed image after image in the order of the bool mask (B, N); out
+(G, B * N, hd): out[g, b * N + n] = the g-th hd-wide slice of the row of token (b, n) where the mask is set, zeros
+where it is not. One pass of hd-wide copies, where torch's strided index_copy and index_fill took several. */
 static PyObject *unpack_heads(PyObject *self, PyObject *args) {
     unsigned long long pqkv, pmask, pout;
     Py_ssize_t B, N, G, hd;

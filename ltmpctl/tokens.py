@@ -32,8 +32,8 @@ class AttentionOut(NamedTuple):
     out: Tensor  # (B, N, C) attention branch output (before LayerScale / drop path)
     importance: Optional[Tensor]  # (B, N) mean attention received; +inf on prefix tokens
     metric: Optional[Tensor]  # (B, N, head_dim) keys averaged over heads (ToMe's similarity metric)
-    # `attention_core(raw=True)`: the statistics unreduced, for the C kernel (`merge_prune_raw`) in place of the two
-    # above: probabilities (B, h, N, N) and keys (B, h, N, head_dim).
+    # `attention_core(raw=True)`: the statistics unreduced, for the C kernel (`merge_prune_raw_packed`) in place of the
+    # two above: probabilities (B, h, N, N) and keys (B, h, N, head_dim).
     probs: Optional[Tensor] = None
     keys: Optional[Tensor] = None
 
@@ -146,7 +146,7 @@ def attention_core(
     raw: bool = False,
 ) -> AttentionOut:
     """`attention` from the qkv projection (B, N, 3 * attn_dim), or `unpack_qkv`'s (B, N, 3, h, head_dim), on:
-    `out` is the heads' output (B, N, attn_dim) before `attention_proj`. `raw` (eval, with an importance): the
+    `out` is the heads' output (B, N, attn_dim) before `attention_proj`. `raw` (eval, importance "mean"): the
     probabilities and keys are handed over as they are (`AttentionOut.probs` / `.keys`) instead of the importance and
     metric, for the C kernel to reduce."""
     B, N = qkv.shape[:2]
@@ -172,10 +172,10 @@ def attention_core(
             imp = received_attention(probs, mask, num_prefix, fast)
         o = heads_matmul(attn.attn_drop(probs), v)
     o = o.transpose(1, 2).reshape(B, N, attn.attn_dim)
-    # ToMe's metric is the head-mean of the keys; it only enters through cosine similarity, which is scale-free, so
-    # the head sum serves (the mean's extra division makes it twice as slow on this strided view of qkv).
     if raw:
         return AttentionOut(o, None, None, probs, k)
+    # ToMe's metric is the head-mean of the keys; it only enters through cosine similarity, which is scale-free, so
+    # the head sum serves (the mean's extra division makes it twice as slow on this strided view of qkv).
     metric = k.sum(1) if need_metric else None
     return AttentionOut(o, imp, metric)
 

@@ -63,7 +63,8 @@ def test_kernel_is_used_and_stays_out_of_autograd(images, name, params, kernel, 
     calls = []
     real = getattr(tokens._kernels, kernel)
     others = {n: getattr(tokens._kernels, n) for n in ("merge_prune", "keep_top", "unpack_heads")}
-    monkeypatch.setattr(tokens, "_kernels", SimpleNamespace(**{**others, kernel: lambda *a: calls.append(a) or real(*a)}))
+    counted = SimpleNamespace(**{**others, kernel: lambda *a: calls.append(a) or real(*a)})
+    monkeypatch.setattr(tokens, "_kernels", counted)
     with torch.no_grad():
         model(images[:1])
         model(images)
