@@ -655,6 +655,10 @@ def _merge_raw(x: Tensor, size: Tensor, num_prefix: int, merge_threshold: float,
     # batch 1 each would be one more op a block).
     one = keys.dim() == 3
     B, (h, N, hd) = (1 if one else keys.shape[0]), keys.shape[-3:]
+    # The kernel reads raw buffers by these sizes: a mismatch would read out of bounds, so it is refused here.
+    if (probs is not None and probs.shape != keys.shape[:-1] + (N,)) or (mask is not None and mask.shape != (B, N)):
+        shapes = [None if t is None else tuple(t.shape) for t in (keys, probs, mask)]
+        raise ValueError("raw statistics of mismatched shapes (keys, probs, mask): {}, {}, {}".format(*shapes))
     key_b, key_h, key_n = (0,) * one + keys.stride()[:-1]
     prob_b, prob_h = (0, 0) if probs is None else (0,) * one + probs.stride()[:-2]
     out_x, out_size = torch.empty_like(x), torch.empty_like(size)

@@ -294,3 +294,17 @@ def test_unpack_qkv_kernel_lays_out_heads_as_torch(counts, monkeypatch):
     want = tokens.unpack_qkv(qkv, mask, h)
     assert torch.equal(got, want) and got.stride() == want.stride()
     assert torch.equal(got[~mask], torch.zeros_like(got[~mask]))
+
+
+def test_kernel_refuses_raw_statistics_of_mismatched_shapes():
+    """Sizes the kernel would read past (keys laid out (B, N, h, hd) instead of (B, h, N, hd), a mask of another
+    batch) are refused before any buffer is read."""
+    B, H, N, hd, C = 2, 3, 9, 4, 8
+    keys, probs = torch.randn(B, H, N, hd), torch.rand(B, H, N, N)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    x, size = torch.randn(B * N, C), torch.ones(B * N, 1)
+    assert tokens.merge_prune_raw_packed(x, size, 1, 0.5, 0.0, probs, keys, mask, 3)[0].shape[1] == C
+    with pytest.raises(ValueError, match="mismatched"):
+        tokens.merge_prune_raw_packed(x, size, 1, 0.5, 0.0, probs, keys.transpose(1, 2), mask, 3)
+    with pytest.raises(ValueError, match="mismatched"):
+        tokens.merge_prune_raw_packed(x, size, 1, 0.5, 0.0, probs, keys, mask[:1], 3)
