@@ -6,37 +6,27 @@ forwards at ~0.5 FLOPs with the raw step on and off, interleaved with the base.
     OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/ltmp_step.py --threads 2
     OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/ltmp_step.py --models demo --batches 64 --rounds 5
 
-Outputs of each pair are checked equal (bitwise) before timing; times are medians (ms), ratios over the base.
+Outputs of each pair are checked equal (bitwise) before timing; each pair is timed interleaved
+(`attention_kernels.interleaved_ms`); times are medians (ms), ratios over the base.
 """
 from __future__ import annotations
 
 import os
 import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenMP (shared/SETUP.md)
 
 import torch  # noqa: E402
 
 import ltmpctl.tokens as T  # noqa: E402
-from ltmpctl.bench.local import interleaved, set_threads  # noqa: E402
+from ltmpctl.bench.local import set_threads  # noqa: E402
 
+from attention_kernels import interleaved_ms  # noqa: E402
 from latency_vs_flops import ltmp_at, model_args, setup_line  # noqa: E402
 
 # (batch, heads, padded tokens, head_dim): deit_tiny's batch-32 blocks and the demo's batch-32 / 64 ones.
 SHAPES = [(32, 3, 197, 64), (32, 3, 150, 64), (32, 3, 100, 64), (32, 4, 50, 32), (64, 4, 50, 32)]
-
-
-def _ms(f: Callable[[], Any], n: int = 20) -> float:
-    for _ in range(3):
-        f()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def step_alone(B: int, H: int, N: int, hd: int) -> tuple[float, float, float, float]:
@@ -71,7 +61,8 @@ def step_alone(B: int, H: int, N: int, hd: int) -> tuple[float, float, float, fl
 
     assert all(torch.equal(a, b) for a, b in zip(torch_step(), raw_step()))
     assert torch.equal(torch_unpack(), T.unpack_qkv(qkv, mask, H, rows))
-    return _ms(torch_step), _ms(raw_step), _ms(torch_unpack), _ms(lambda: T.unpack_qkv(qkv, mask, H, rows))
+    return (*interleaved_ms([torch_step, raw_step], 20, warmup=3),
+            *interleaved_ms([torch_unpack, lambda: T.unpack_qkv(qkv, mask, H, rows)], 20, warmup=3))
 
 
 def forwards(key: str, batch: int, rounds: int, repeats: int, threads: int | None) -> None:
@@ -92,12 +83,9 @@ def forwards(key: str, batch: int, rounds: int, repeats: int, threads: int | Non
     with torch.inference_mode():
         assert torch.equal(model(x), torch_stats())
         runs = [lambda: base(x), lambda: model(x), torch_stats]
-        for _ in range(2):
-            for r in runs:
-                r()
         ratios: list[tuple[float, float]] = []
-        for _ in range(rounds):
-            m = [statistics.median(t) for t in interleaved(runs, repeats, lambda: None)]
+        for i in range(rounds):
+            m = [ms / 1e3 for ms in interleaved_ms(runs, repeats, warmup=2 if i == 0 else 0)]
             ratios.append((m[1] / m[0], m[2] / m[0]))
             print(f"  {key} b{batch}: base {m[0] * 1e3:8.2f} ms   raw step {ratios[-1][0]:.3f}   "
                   f"torch statistics {ratios[-1][1]:.3f}", flush=True)
