@@ -159,6 +159,9 @@ def executed_macs(model: torch.nn.Module, counts: Tensor, exported: bool = False
     s, merging = vit_shape(model), is_merging(model)
     widest = counts[:, :, 0].amax(dim=0).tolist()  # tokens into each block's attention, widest image
     pad = sum(float(padded_macs(s, n, merging, exported)) for n in widest)
+    if exported:  # the graph's merge sums, one-hot products at the widest image's counts
+        mlp = counts[:, :, 1].amax(dim=0).tolist()
+        pad += sum(float(b.onnx_merge_macs(int(n), int(m))) for b, n, m in zip(model.blocks, widest, mlp))
     own = [m - sum(float(padded_macs(s, n, merging, exported)) for n in c[:, 0].tolist()) + pad
            for m, c in zip(image_macs(model, counts), counts.cpu())]
     return sum(own) / len(own)

@@ -542,16 +542,43 @@ def compact(keep: Tensor, *tensors: Tensor, min_tokens: int = 1, positions: Opti
 
 
 def merge_rows(t: Tensor, node_idx: Tensor, src: Tensor, num_prefix: int) -> Tensor:
-    """t (B, N, D) with src (B, NA, D) added to its B tokens by node_idx (B, NA): row i of image b into B token
+    """t (B, N, D) with src (B, R, D) added to its B tokens by node_idx (B, R): row i of image b into B token
     node_idx[b, i], in ascending i (`scatter_merge` into the B view, whole rows at once).
 
     For traced graphs: one row-indexed accumulate (ONNX ScatterND with reduction add) over the flattened batch,
     instead of a scatter whose index is expanded over the D features (ONNX ScatterElements: in onnxruntime's
-    profile ~0.19 ms a deit_tiny block at batch 1 and ~5 ms at batch 32).
+    profile ~0.19 ms a deit_tiny block at batch 1 and ~5 ms at batch 32). Under `matmul_merges` (the ONNX export):
+    a one-hot (B, N, R) product instead, the same sums up to their order (every src row must be finite: a 0 weight
+    times inf is NaN).
     """
     B, N, D = t.shape
-    rows = torch.arange(B, device=t.device).unsqueeze(1) * N + ab_starts(num_prefix)[1] + 2 * node_idx  # (B, NA)
+    first_b = ab_starts(num_prefix)[1]
+    if matmul_merges.on:
+        hits = (first_b + 2 * node_idx).unsqueeze(1) == torch.arange(N, device=t.device).view(1, N, 1)  # (B, N, R)
+        return t + hits.to(t.dtype) @ src
+    rows = torch.arange(B, device=t.device).unsqueeze(1) * N + first_b + 2 * node_idx  # (B, R)
     return t.reshape(B * N, D).index_put((rows.reshape(-1),), src.reshape(-1, D), accumulate=True).view(B, N, D)
+
+
+class matmul_merges:  # noqa: N801 (used as a function: `with matmul_merges():`)
+    """Within this scope (the ONNX export) `merge_rows` adds its sources as a one-hot matrix product.
+
+    onnxruntime's CPU ScatterND with reduction add splits its updates over the intra-op threads with no atomics
+    (`TryParallelFor`): two sources of one destination added at once lose one of them, and the order of the others
+    changes from run to run. deit_tiny's ltmp graph at batch 32 on 2 threads gave different logits in every one of
+    40 runs and lost a merged token (|diff| to eager up to 9.7e-3) in several; with the product, 0 of 40 differed
+    and the largest |diff| was 1.2e-6. Costs (`benchmarks/latency_vs_flops.py`, onnxruntime rows) and the extra
+    MACs are counted in the exported graph's executed FLOPs (`TokenBlock.onnx_merge_macs`). ExecuTorch's portable
+    index_put and torch's CPU accumulate run serially, so the mobile and TorchScript exports keep the accumulate.
+    """
+
+    on = False
+
+    def __enter__(self) -> None:
+        self._was, matmul_merges.on = matmul_merges.on, True
+
+    def __exit__(self, *exc: object) -> None:
+        matmul_merges.on = self._was
 
 
 def fused_merge_prune(

@@ -28,6 +28,7 @@ from ltmpctl.compressor import Compressor, Knob, ParamGroup, Params, TokenBlock,
 from ltmpctl.flops import base_macs, model_macs, vit_shape
 from ltmpctl.tokens import (
     AttentionOut,
+    ab_starts,
     attention_core,
     attention_proj,
     best_partners,
@@ -93,6 +94,10 @@ class LTMPBlock(TokenBlock):
 
     def reduce_raw(self, x: Tensor, size: Tensor, probs: Optional[Tensor], keys: Tensor) -> tuple[Tensor, Tensor]:
         return merge_prune_raw(x, size, self.num_prefix, *self._threshold_values(), probs, keys)
+
+    def onnx_merge_macs(self, n: int, m: int) -> int:
+        """`_reduce_eval` adds every A token, merged or not (x 0), with its size and prune flag: C + 2 columns."""
+        return n * len(range(ab_starts(self.num_prefix)[0], n, 2)) * (self.mlp.fc1.in_features + 2)
 
     def _threshold_values(self) -> tuple[float, float]:
         """The two thresholds as Python floats, read again only when a threshold parameter is replaced, written to in

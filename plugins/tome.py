@@ -56,6 +56,10 @@ class ToMeBlock(TokenBlock):
         """Tokens merged in a sequence of n: r, at most half the non-prefix tokens."""
         return min(self.r, (n - self.num_prefix) // 2)
 
+    def onnx_merge_macs(self, n: int, m: int) -> int:
+        """Sizes and size-weighted features (C + 1 columns) of the r = n - m sources."""
+        return n * (n - m) * (self.mlp.fc1.in_features + 1)
+
     def reduce_raw(self, x: Tensor, size: Tensor, probs: Optional[Tensor], keys: Tensor) -> tuple[Tensor, Tensor]:
         r = self._merges(x.shape[1])
         return merge_top_raw(x, size, self.num_prefix, r, keys) if r > 0 else (x, size)

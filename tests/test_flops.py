@@ -13,6 +13,7 @@ from ltmpctl import demo
 from ltmpctl.analysis import TOLERANCE, analyze_flops
 from ltmpctl.cli import app
 from ltmpctl.flops import LN, base_macs, batch_ratios, fvcore_macs, is_merging, measured_ratio, model_macs, vit_shape
+from ltmpctl.tokens import matmul_merges
 
 VARIANTS = {"plain": {}, "distilled": {"distilled": True}, "qk_norm": {"qk_norm": True}}
 COMPRESSORS = [
@@ -103,11 +104,13 @@ def test_batch_ratios_mean_and_what_the_packed_batch_computes(images):
 
 
 def test_batch_ratios_of_the_exported_graph(images, monkeypatch):
-    """What an exported graph computes on a padded batch: the attention half at the widest image's counts, the MLP
-    on the real tokens (`TokenBlock._mlp_gathers`), checked against the multiply-adds of the traced form."""
+    """What an exported ONNX graph computes on a padded batch: the attention half at the widest image's counts, the
+    MLP on the real tokens (`TokenBlock._mlp_gathers`), the merge sums as one-hot products (`matmul_merges`),
+    checked against the multiply-adds of the traced form."""
     import sys
 
     model = ltmpctl.apply(tiny_vit(), "ltmp", merge_threshold=0.5, prune_threshold=0.01)
+    static = ltmpctl.apply(tiny_vit(), "tome", r=3)
     base = base_macs(vit_shape(model))
     mean, executed = batch_ratios(model, images)
     mean_x, exported = batch_ratios(model, images, exported=True)
@@ -116,11 +119,16 @@ def test_batch_ratios_of_the_exported_graph(images, monkeypatch):
     # torch's counter has no norms: take the padded rows' norm1 (LN MACs a value) out of the formula's difference.
     norm1 = LN * vit_shape(model).dim * float((n_attn.amax(0) - n_attn).sum())
     single = sum(_matmul_macs(model, images[i:i + 1]) for i in range(len(images)))
+    static_mean, static_exported = batch_ratios(static, images, exported=True)
+    static_single = sum(_matmul_macs(static, images[i:i + 1]) for i in range(len(images)))
     for module in ("ltmpctl.tokens", "ltmpctl.compressor", type(model.blocks[0]).__module__):
         monkeypatch.setattr(sys.modules[module], "eager", lambda: False)  # the branches a trace takes
-    padding = _matmul_macs(model, images) - single
+    with matmul_merges():
+        padding = _matmul_macs(model, images) - single
+        merge_sums = _matmul_macs(static, images) - static_single
     # rel: the matching product, as above.
     assert padding == pytest.approx((exported - mean) * base * len(images) - norm1, rel=1e-3)
+    assert merge_sums > 0 and merge_sums == pytest.approx((static_exported - static_mean) * base * len(images))
 
 
 def test_analyze_flops_totals_add_up(images):
