@@ -172,7 +172,6 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "raw attention statistics replace importance and the matching");
         return NULL;
     }
-    if (probs && prob_h == 0) prob_h = N * N;  /* one image's (H, N, N), contiguous */
     const uint8_t *mask = as_ptr(pmask);
     const int64_t *node_idx = as_ptr(pidx), *src_order = as_ptr(psrc);
     float *out_x = as_ptr(pox), *out_size = as_ptr(pos);
