@@ -7,6 +7,7 @@ import torch
 import ltmpctl
 from ltmpctl.errors import ConfigError, ModelError, PluginError
 from ltmpctl.registry import get
+from ltmpctl.tokens import BIAS_AFTER_TOKENS
 from conftest import tiny_vit
 
 COMPRESSORS = ["ltmp", "tome", "topk"]
@@ -65,6 +66,19 @@ def test_ltmp_batched_equals_batch1_with_different_counts(images, variant):
         counts = ltmpctl.token_counts(model)[:, :, 1]  # (B, depth)
         single = torch.cat([model(images[i:i + 1]) for i in range(len(images))])
     assert len({tuple(c) for c in counts.tolist()}) > 1, "test needs images that keep different numbers of tokens"
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+
+
+def test_ltmp_batched_equals_batch1_over_many_tokens():
+    """Blocks of more than `BIAS_AFTER_TOKENS` tokens add attention's key bias (log size, padding) after the product:
+    still each image's batch-1 answer."""
+    images = torch.randn(6, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    model = ltmpctl.apply(tiny_vit(img_size=56, depth=3), "ltmp", merge_threshold=0.7, prune_threshold=0.004)
+    with torch.no_grad():
+        batched = model(images)
+        counts = ltmpctl.token_counts(model)[:, 1:, 0]  # (B, depth - 1): tokens into the blocks after the first
+        single = torch.cat([model(images[i:i + 1]) for i in range(len(images))])
+    assert counts.min() > BIAS_AFTER_TOKENS and len({tuple(c) for c in counts.tolist()}) > 1
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
 
 
