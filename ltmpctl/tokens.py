@@ -560,16 +560,21 @@ def merge_rows(t: Tensor, node_idx: Tensor, src: Tensor, num_prefix: int) -> Ten
     For traced graphs: one row-indexed accumulate (ONNX ScatterND with reduction add) over the flattened batch,
     instead of a scatter whose index is expanded over the D features (ONNX ScatterElements: in onnxruntime's
     profile ~0.19 ms a deit_tiny block at batch 1 and ~5 ms at batch 32). Under `matmul_merges` (the ONNX export):
-    a one-hot (B, N, R) product instead, the same sums up to their order (every src row must be finite: a 0 weight
-    times inf is NaN).
+    a one-hot (B, N, R) product instead (`merge_into`), the same sums up to their order.
     """
     B, N, D = t.shape
     first_b = ab_starts(num_prefix)[1]
     if matmul_merges.on:
-        hits = (first_b + 2 * node_idx).unsqueeze(1) == torch.arange(N, device=t.device).view(1, N, 1)  # (B, N, R)
-        return t + hits.to(t.dtype) @ src
+        return merge_into(t, first_b + 2 * node_idx, src)
     rows = torch.arange(B, device=t.device).unsqueeze(1) * N + first_b + 2 * node_idx  # (B, R)
     return t.reshape(B * N, D).index_put((rows.reshape(-1),), src.reshape(-1, D), accumulate=True).view(B, N, D)
+
+
+def merge_into(dst: Tensor, idx: Tensor, src: Tensor) -> Tensor:
+    """dst (B, M, D) with each source row src[b, i] (B, R, D) added to row idx[b, i] (B, R), as one one-hot
+    (B, M, R) product (`matmul_merges`: the ONNX graphs' race-free merge sum). Every src row must be finite."""
+    hits = idx.unsqueeze(1) == torch.arange(dst.shape[1], device=dst.device).view(1, -1, 1)  # (B, M, R)
+    return dst + hits.to(dst.dtype) @ src
 
 
 class matmul_merges:  # noqa: N801 (used as a function: `with matmul_merges():`)
@@ -579,9 +584,10 @@ class matmul_merges:  # noqa: N801 (used as a function: `with matmul_merges():`)
     (`TryParallelFor`): two sources of one destination added at once lose one of them, and the order of the others
     changes from run to run. deit_tiny's ltmp graph at batch 32 on 2 threads gave different logits in every one of
     40 runs and lost a merged token (|diff| to eager up to 9.7e-3) in several; with the product, 0 of 40 differed
-    and the largest |diff| was 1.2e-6. Costs (`benchmarks/latency_vs_flops.py`, onnxruntime rows) and the extra
-    MACs are counted in the exported graph's executed FLOPs (`TokenBlock.onnx_merge_macs`). ExecuTorch's portable
-    index_put and torch's CPU accumulate run serially, so the mobile and TorchScript exports keep the accumulate.
+    and the largest |diff| was 1.2e-6. The product cost onnxruntime ~3% of ltmp's batch-1 time there and nothing
+    measurable at batch 32; its MACs count in the exported graph's executed FLOPs (`TokenBlock.onnx_merge_macs`).
+    ExecuTorch's portable index_put and torch's CPU accumulate run serially: the mobile and TorchScript exports keep
+    the accumulate.
     """
 
     on = False

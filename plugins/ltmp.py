@@ -38,6 +38,8 @@ from ltmpctl.tokens import (
     fused_merge_prune,
     kernel_ready,
     match,
+    matmul_merges,
+    merge_into,
     merge_prune_raw,
     merge_prune_raw_packed,
     merge_rows,
@@ -96,8 +98,10 @@ class LTMPBlock(TokenBlock):
         return merge_prune_raw(x, size, self.num_prefix, *self._threshold_values(), probs, keys)
 
     def onnx_merge_macs(self, n: int, m: int) -> int:
-        """`_reduce_eval` adds every A token, merged or not (x 0), with its size and prune flag: C + 2 columns."""
-        return n * len(range(ab_starts(self.num_prefix)[0], n, 2)) * (self.mlp.fc1.in_features + 2)
+        """`_reduce_eval` adds every A token, merged or not (x 0), with its size and prune flag (C + 2 columns) into
+        the B tokens."""
+        first_a, first_b = ab_starts(self.num_prefix)
+        return len(range(first_b, n, 2)) * len(range(first_a, n, 2)) * (self.attn.qkv.in_features + 2)
 
     def _threshold_values(self) -> tuple[float, float]:
         """The two thresholds as Python floats, read again only when a threshold parameter is replaced, written to in
@@ -246,7 +250,8 @@ class LTMPBlock(TokenBlock):
         (B, N) tensors, a bool padding mask after the first block; the same decisions and token order per image.
 
         Built for the runtimes' per-node costs: size-weighted features, sizes and the prune test merge as one
-        tensor in one row-indexed accumulate (`merge_rows`), and one topk orders the kept candidates (`compact`).
+        tensor in one row-indexed accumulate (`merge_rows`; in the ONNX export a one-hot product into the B rows,
+        `matmul_merges`), and one topk orders the kept candidates (`compact`).
         A destination is kept when its own importance or a merged source's is above the threshold, which is the
         reference's test on their maximum, so the flags merge as sums like the rest. onnxruntime, deit_tiny, ltmp's
         latency over the base's: 0.746 -> 0.687 at batch 1 (60 interleaved rounds) and 0.565 -> 0.503 at batch 32
@@ -263,11 +268,17 @@ class LTMPBlock(TokenBlock):
         if mask is not None:
             flag = flag & mask
         t = torch.cat([x * size, size, flag.unsqueeze(-1).to(x.dtype)], dim=-1)  # (B, N, C + 2)
-        t = merge_rows(t, node_idx, split_ab(t, P)[0] * merge.unsqueeze(-1).to(x.dtype), P)
-        flag_a, flag_b = split_ab(t[..., -1], P)
+        t_a, t_b = split_ab(t, P)
+        src = t_a * merge.unsqueeze(-1).to(x.dtype)
+        if matmul_merges.on:  # the candidates laid out in their order: the one-hot product covers the B rows only
+            t_b = merge_into(t_b, node_idx, src)
+            t, positions = torch.cat([t[:, :P], t_a, t_b], dim=1), None
+        else:
+            t = merge_rows(t, node_idx, src, P)
+            t_b, positions = split_ab(t, P)[1], candidate_positions(x.shape[1], P, x.device)
         # Candidates in the reference's order: prefix, unmerged A, B (merged into).
-        keep = torch.cat([flag[:, :P], (flag_a > 0) & ~merge, flag_b > 0], dim=1)
-        mask, (t,) = compact(keep, t, min_tokens=P + 2, positions=candidate_positions(x.shape[1], P, x.device))
+        keep = torch.cat([flag[:, :P], (t_a[..., -1] > 0) & ~merge, t_b[..., -1] > 0], dim=1)
+        mask, (t,) = compact(keep, t, min_tokens=P + 2, positions=positions)
         size = t[..., C:C + 1]
         return t[..., :C] / size, size, mask
 

@@ -58,7 +58,7 @@ class ToMeBlock(TokenBlock):
 
     def onnx_merge_macs(self, n: int, m: int) -> int:
         """Sizes and size-weighted features (C + 1 columns) of the r = n - m sources."""
-        return n * (n - m) * (self.mlp.fc1.in_features + 1)
+        return n * (n - m) * (self.attn.qkv.in_features + 1)
 
     def reduce_raw(self, x: Tensor, size: Tensor, probs: Optional[Tensor], keys: Tensor) -> tuple[Tensor, Tensor]:
         r = self._merges(x.shape[1])
