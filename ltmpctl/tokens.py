@@ -578,14 +578,16 @@ def merge_into(dst: Tensor, idx: Tensor, src: Tensor) -> Tensor:
 
 
 class matmul_merges:  # noqa: N801 (used as a function: `with matmul_merges():`)
-    """Within this scope (the ONNX export) `merge_rows` adds its sources as a one-hot matrix product.
+    """Within this scope (the ONNX export) the traced merge sums run as one-hot matrix products (`merge_into`: in
+    `merge_rows`, and in ltmp's step straight into the B rows).
 
     onnxruntime's CPU ScatterND with reduction add splits its updates over the intra-op threads with no atomics
     (`TryParallelFor`): two sources of one destination added at once lose one of them, and the order of the others
     changes from run to run. deit_tiny's ltmp graph at batch 32 on 2 threads gave different logits in every one of
     40 runs and lost a merged token (|diff| to eager up to 9.7e-3) in several; with the product, 0 of 40 differed
-    and the largest |diff| was 1.2e-6. The product cost onnxruntime ~3% of ltmp's batch-1 time there and nothing
-    measurable at batch 32; its MACs count in the exported graph's executed FLOPs (`TokenBlock.onnx_merge_macs`).
+    and the largest |diff| was 1.2e-6. Over all N rows the product cost onnxruntime ~3% of ltmp's batch-1 time
+    there, into the B rows only ~1%, and nothing measurable at batch 32; its MACs count in the exported graph's
+    executed FLOPs (`TokenBlock.onnx_merge_macs`).
     ExecuTorch's portable index_put and torch's CPU accumulate run serially: the mobile and TorchScript exports keep
     the accumulate.
     """
