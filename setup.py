@@ -9,6 +9,7 @@ setup(ext_modules=[Extension(
     "ltmpctl._kernels",
     sources=["ltmpctl/_kernels.c"],
     # Exactness: no reassociation and no fused multiply-add, so every rounding is the torch code's.
-    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math"],
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-pthread"],
+    extra_link_args=["-pthread"],  # batched steps split their images over threads
     optional=True,
 )])

@@ -148,7 +148,7 @@ def attention_core(
     """`attention` from the qkv projection (B, N, 3 * attn_dim), or `unpack_qkv`'s (B, N, 3, h, head_dim), on:
     `out` is the heads' output (B, N, attn_dim) before `attention_proj`. `raw` (eval, importance "mean"): the
     probabilities and keys are handed over as they are (`AttentionOut.probs` / `.keys`) instead of the importance and
-    metric, for the C kernel to reduce."""
+    metric, for the C kernel to reduce, and `out` as the heads left it, (B, h, N, head_dim), for `pack_heads`."""
     B, N = qkv.shape[:2]
     h, hd = attn.num_heads, attn.head_dim
     q, k, v = qkv.reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, hd) each
@@ -171,9 +171,9 @@ def attention_core(
         elif importance is not None:
             imp = received_attention(probs, mask, num_prefix, fast)
         o = heads_matmul(attn.attn_drop(probs), v)
-    o = o.transpose(1, 2).reshape(B, N, attn.attn_dim)
     if raw:
         return AttentionOut(o, None, None, probs, k)
+    o = o.transpose(1, 2).reshape(B, N, attn.attn_dim)
     # ToMe's metric is the head-mean of the keys; it only enters through cosine similarity, which is scale-free, so
     # the head sum serves (the mean's extra division makes it twice as slow on this strided view of qkv).
     metric = k.sum(1) if need_metric else None
@@ -650,7 +650,7 @@ def fused_merge_prune(
     na = scores.shape[1] if scores is not None else 0 if node_idx is None else node_idx.shape[1]
     r = 0 if src_order is None else src_order.shape[1]
     thresholds = (0.0 if t is None else float(t) for t in (merge_threshold, prune_threshold))
-    kept, width = _kernels.merge_prune(*ptr[:8], batch, N, na, r, C, num_prefix, *thresholds, *ptr[8:], min_width)
+    kept, width, _ = _kernels.merge_prune(*ptr[:8], batch, N, na, r, C, num_prefix, *thresholds, *ptr[8:], min_width)
     new_mask = None if out_mask is None else out_mask[:batch * width].view(batch, width)
     return out_x.narrow(-2, 0, kept), out_size.narrow(-2, 0, kept), new_mask
 
@@ -679,20 +679,22 @@ def merge_top_raw(x: Tensor, size: Tensor, num_prefix: int, r: int, keys: Tensor
 
 
 def merge_prune_raw_packed(x: Tensor, size: Tensor, num_prefix: int, merge_threshold: float,
-                           prune_threshold: float, probs: Tensor, keys: Tensor, mask: Tensor, min_width: int
-                           ) -> tuple[Tensor, Tensor, Tensor]:
+                           prune_threshold: float, probs: Tensor, keys: Tensor, mask: Tensor, min_width: int,
+                           threads: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """`merge_prune_raw` for a padded batch whose tokens are packed (`LTMPBlock._forward_packed`): x (T, C) and size
     (T, 1) the real tokens, probs (B, h, N, N) and keys (B, h, N, head_dim) padded as the bool mask (B, N) says
     (`attention_core(raw=True)`, any order of the batch and head dims in memory). Returns the kept tokens (T', C),
     sizes (T', 1) and the new mask (B, max(kept, min_width)), each image's as `merge_prune_raw` gives it alone.
 
     Replaces `received_attention`, the metric's head sum and `similarity` (~12 torch ops a block, which on 2 threads
-    each wake the pool) with the kernel's per-image loops. The caller checks `kernel_ready`."""
-    return _merge_raw(x, size, num_prefix, merge_threshold, prune_threshold, 0, probs, keys, mask, min_width)
+    each wake the pool) with the kernel's per-image loops, split over up to `threads` threads (the kernel takes fewer
+    where the images are too few or too small to pay for a thread). The caller checks `kernel_ready`."""
+    return _merge_raw(x, size, num_prefix, merge_threshold, prune_threshold, 0, probs, keys, mask, min_width, threads)
 
 
 def _merge_raw(x: Tensor, size: Tensor, num_prefix: int, merge_threshold: float, prune_threshold: float, r: int,
-               probs: Optional[Tensor], keys: Tensor, mask: Optional[Tensor] = None, min_width: int = 0) -> tuple:
+               probs: Optional[Tensor], keys: Tensor, mask: Optional[Tensor] = None, min_width: int = 0,
+               threads: int = 1) -> tuple:
     x, size = x.contiguous(), size.contiguous()  # no-ops as the blocks hand them over
     # Each (N, N) matrix and each key row contiguous; held here: the kernel reads them after this line.
     if probs is not None and (probs.stride(-1) != 1 or probs.stride(-2) != probs.shape[-1]):
@@ -711,11 +713,11 @@ def _merge_raw(x: Tensor, size: Tensor, num_prefix: int, merge_threshold: float,
     out_x, out_size = torch.empty_like(x), torch.empty_like(size)
     out_mask = None if mask is None else torch.empty(B * N, dtype=torch.bool)
     mask = None if mask is None else mask.contiguous()
-    kept, width = _kernels.merge_prune(
+    kept, width, _ = _kernels.merge_prune(
         x.data_ptr(), size.data_ptr(), 0, 0 if mask is None else mask.data_ptr(), 0, 0, 0, 0, B, N, 0, r,
         x.shape[-1], num_prefix, merge_threshold, prune_threshold, out_x.data_ptr(), out_size.data_ptr(),
         0 if out_mask is None else out_mask.data_ptr(), min_width, 0 if probs is None else probs.data_ptr(),
-        keys.data_ptr(), h, hd, key_h, key_n, key_b, prob_h, prob_b)
+        keys.data_ptr(), h, hd, key_h, key_n, key_b, prob_h, prob_b, threads)
     x, size = out_x.narrow(-2, 0, kept), out_size.narrow(-2, 0, kept)
     return (x, size) if out_mask is None else (x, size, out_mask[:B * width].view(B, width))
 
@@ -765,10 +767,11 @@ def unpack_qkv(qkv: Tensor, mask: Tensor, num_heads: int, rows: Optional[Tensor]
     if T == B * N:  # nothing padded (e.g. the first block): the heads-major copy alone
         out = heads.contiguous()
     elif kernel_ready(qkv) and qkv.is_contiguous():
-        # One pass of head-wide copies and zero fills in C (2 threads, alone: the demo's (64, 40) blocks 0.62 -> 0.17
-        # ms, deit_tiny's (32, 150) 1.08 -> 0.47 ms; whole demo b64 forwards: within the host's noise).
+        # One pass of head-wide copies and zero fills in C, images split over torch's thread count (2 threads, alone:
+        # the demo's (64, 40) blocks 0.62 -> 0.17 ms, deit_tiny's (32, 150) 1.08 -> 0.47 ms, on one kernel thread).
         out, mask = qkv.new_empty(3 * num_heads, B * N, hd), mask.contiguous()  # held: the kernel reads it
-        _kernels.unpack_heads(qkv.data_ptr(), mask.data_ptr(), B, N, 3 * num_heads, hd, out.data_ptr())
+        _kernels.unpack_heads(qkv.data_ptr(), mask.data_ptr(), B, N, 3 * num_heads, hd, out.data_ptr(),
+                              torch.get_num_threads())
     else:
         # Real rows copied in, then only the padding rows zeroed (they must be finite: a padding key's logit gets
         # -inf added, and a padding query's row weighs 0 in the importance); zeroing all of it first wrote the
@@ -776,6 +779,20 @@ def unpack_qkv(qkv: Tensor, mask: Tensor, num_heads: int, rows: Optional[Tensor]
         out = qkv.new_empty(3 * num_heads, B * N, hd).index_copy_(1, real_rows(mask) if rows is None else rows, heads)
         out.index_fill_(1, real_rows(~mask), 0.0)
     return out.view(3, num_heads, B, N, hd).permute(2, 3, 0, 1, 4)
+
+
+def pack_heads(o: Tensor, mask: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+    """Attention's output per head (B, h, N, head_dim) -> the real tokens' rows (T, h * head_dim), heads
+    concatenated as timm's attention does (`pack` of the (B, N, attn_dim) transpose). From `unpack_qkv`'s heads-major
+    layout the C kernel copies each real token's head slices straight into its row, images split over torch's
+    thread count, where the transpose's copy and pack's index_select took two passes."""
+    B, h, N, hd = o.shape
+    if kernel_ready(o) and heads_major(o) and o.transpose(0, 1).is_contiguous():
+        rows = real_rows(mask) if rows is None else rows
+        out, mask = o.new_empty(rows.shape[0], h * hd), mask.contiguous()  # held: the kernel reads it
+        _kernels.pack_heads(out.data_ptr(), mask.data_ptr(), B, N, h, hd, o.data_ptr(), torch.get_num_threads())
+        return out
+    return pack(o.transpose(1, 2).reshape(B, N, h * hd), mask, rows)
 
 
 def unpack(t: Tensor, mask: Tensor, rows: Optional[Tensor] = None) -> Tensor:

@@ -44,6 +44,7 @@ from ltmpctl.tokens import (
     merge_prune_raw_packed,
     merge_rows,
     pack,
+    pack_heads,
     real_rows,
     scatter_amax,
     scatter_merge,
@@ -134,21 +135,24 @@ class LTMPBlock(TokenBlock):
             # With the kernel, attention hands its probabilities and keys over raw (`merge_prune_raw_packed`).
             a = attention_core(self.attn, qkv, unpack(size, mask, rows), key_mask, self.num_prefix,
                                self.importance_mode, self.need_metric, self.size_bias, raw=kernel_ready(x))
-            out = pack(a.out, mask, rows)
+            out = pack_heads(a.out, mask, rows) if a.probs is not None else pack(a.out, mask, rows)
         x = x + self.drop_path1(self.ls1(attention_proj(self.attn, out, h)))
-        with serial(x, reduce_ops=True):
-            x, size, mask = self._reduce_packed(x, size, mask, a)
+        if a.probs is not None:  # attention's raw statistics: the kernel reduces them image by image, on threads
+            # A floor of prefix + 2 positions, so that the next block's A/B split has a token on each side.
+            x, size, mask = merge_prune_raw_packed(x, size, self.num_prefix, *self._threshold_values(), a.probs,
+                                                   a.keys, mask, self.num_prefix + 2, torch.get_num_threads())
+        else:
+            with serial(x, reduce_ops=True):
+                x, size, mask = self._reduce_packed(x, size, mask, a)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, size, mask
 
     def _reduce_packed(self, x: Tensor, size: Tensor, mask: Tensor, a: AttentionOut):
-        """Merge then prune on packed tokens, deciding on the padded (B, N) statistics; same decisions, values and
-        token order per image as batch 1 (`_reduce_single`)."""
+        """Merge then prune on packed tokens, deciding on the padded (B, N) statistics (importance and metric, where
+        the kernel's raw step is not built); same decisions, values and token order per image as batch 1
+        (`_reduce_single`)."""
         P = self.num_prefix
         B, N = mask.shape
-        # A floor of prefix + 2 positions, so that the next block's A/B split has a token on each side.
-        if a.probs is not None:  # attention's raw statistics: the kernel reduces them image by image
-            return merge_prune_raw_packed(x, size, P, *self._threshold_values(), a.probs, a.keys, mask, P + 2)
         scores = similarity(a.metric, P)  # padding rows and columns: the kernel reads each image's real ones
         fused = fused_merge_prune(x, size, P, B, scores=scores, merge_threshold=self.merge_threshold,
                                   importance=a.importance, prune_threshold=self.prune_threshold, mask=mask,

@@ -168,13 +168,15 @@ def test_ltmp_batch_one_reads_thresholds_again_when_they_change(images):
 
 @pytest.mark.parametrize("P", [1, 2])
 @pytest.mark.parametrize("heads_major", [False, True])
-def test_kernel_reduces_a_padded_batch_image_by_image(P, heads_major):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernel_reduces_a_padded_batch_image_by_image(P, heads_major, threads):
     """Raw statistics of a padded batch (`merge_prune_raw_packed`): each image's kept tokens, sizes and count are
     bitwise what its own statistics give alone (`merge_prune_raw`); padding (NaN here) is never read, in either
-    memory order of the batch and head dims (`unpack_qkv` lays them out heads-major)."""
+    memory order of the batch and head dims (`unpack_qkv` lays them out heads-major), on one thread or with the
+    images split over three."""
     gen = torch.Generator().manual_seed(7 + P)
-    H, hd, C, N = 3, 8, 16, P + 30
-    counts = [N, P + 1, P + 2, P + 17, P + 30, P + 9]  # down to nothing to match (P + 1)
+    H, hd, C, N = 3, 8, 16, P + 100
+    counts = [N, P + 1, P + 2, P + 17, P + 70, P + 9] * 4  # down to nothing to match (P + 1)
     B = len(counts)
     mask = torch.arange(N) < torch.tensor(counts).unsqueeze(1)
     shape = (H, B) if heads_major else (B, H)
@@ -192,7 +194,8 @@ def test_kernel_reduces_a_padded_batch_image_by_image(P, heads_major):
     x = torch.cat([s[0][0] for s in singles])
     size = torch.cat([s[1][0] for s in singles])
     for merge, prune in [(0.3, 0.03), (0.0, 0.0), (1.0, 0.05), (-1.0, 0.0)]:
-        got_x, got_size, got_mask = tokens.merge_prune_raw_packed(x, size, P, merge, prune, pv, kv, mask, P + 2)
+        got_x, got_size, got_mask = tokens.merge_prune_raw_packed(x, size, P, merge, prune, pv, kv, mask, P + 2,
+                                                                  threads)
         row = 0
         for b, (xs, ss, pr, k) in enumerate(singles):
             want_x, want_size = tokens.merge_prune_raw(xs, ss, P, merge, prune, pr, k)
@@ -201,6 +204,14 @@ def test_kernel_reduces_a_padded_batch_image_by_image(P, heads_major):
             assert torch.equal(got_x[row:row + kept], want_x[0]) and torch.equal(got_size[row:row + kept], want_size[0])
             row += kept
         assert row == got_x.shape[0] and got_mask.shape[1] == max(P + 2, int(got_mask.sum(1).max()))
+    # The batch is big enough for every thread asked for (a smaller one would run on fewer: one in the first case).
+    pv, kv = pv.contiguous(), kv.contiguous()
+    step = (x.data_ptr(), size.data_ptr(), 0, mask.data_ptr(), 0, 0, 0, 0, B, N, 0, 0, C, P, 0.3, 0.03)
+    out_x, out_size, out_mask = torch.empty_like(x), torch.empty_like(size), torch.empty(B * N, dtype=torch.bool)
+    stats = (pv.data_ptr(), kv.data_ptr(), H, hd, *kv.stride()[1:3], kv.stride(0), pv.stride(1), pv.stride(0))
+    for asked, used in [(threads, threads), (1, 1)]:
+        assert tokens._kernels.merge_prune(*step, out_x.data_ptr(), out_size.data_ptr(), out_mask.data_ptr(), P + 2,
+                                           *stats, asked)[2] == used
 
 
 def _keys_probs(P: int, N_extra: int, H: int = 3, hd: int = 8):
@@ -282,18 +293,42 @@ def test_kernel_empty_merge_order_merges_nothing():
     assert torch.equal(out, x[[0, 2, 4, 6, 8, 1, 3, 5, 7]]) and torch.equal(out_size, size)
 
 
-@pytest.mark.parametrize("counts", [[5, 2, 7], [7, 7, 7], [1, 7, 3]])
+@pytest.mark.parametrize("counts", [[5, 2, 7], [7, 7, 7], [1, 7, 3], [64, 3, 50, 64, 17, 1, 60] * 3])
 def test_unpack_qkv_kernel_lays_out_heads_as_torch(counts, monkeypatch):
     """The packed qkv rows of a padded batch, heads-major with zeros in the padding: the kernel's copy is bitwise
-    torch's index_copy and index_fill (same values, same layout)."""
-    B, N, h, hd = len(counts), max(counts), 2, 4
+    torch's index_copy and index_fill (same values, same layout), its images split over torch's threads where the
+    batch is big enough (the last case: 21 images of up to 64 tokens, 8 x 256-wide heads, on 3 threads)."""
+    B, N, (h, hd) = len(counts), max(counts), (2, 4) if len(counts) < 5 else (8, 256)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # what unpack_qkv hands the kernel
     mask = torch.arange(N) < torch.tensor(counts).unsqueeze(1)
     qkv = torch.randn(sum(counts), 3 * h * hd, generator=torch.Generator().manual_seed(sum(counts)))
-    got = tokens.unpack_qkv(qkv, mask, h)
+    got, kernels = tokens.unpack_qkv(qkv, mask, h), tokens._kernels
     monkeypatch.setattr(tokens, "_kernels", None)
     want = tokens.unpack_qkv(qkv, mask, h)
     assert torch.equal(got, want) and got.stride() == want.stride()
     assert torch.equal(got[~mask], torch.zeros_like(got[~mask]))
+    out, flat = torch.empty(3 * h, B * N, hd), mask.contiguous()
+    used = kernels.unpack_heads(qkv.data_ptr(), flat.data_ptr(), B, N, 3 * h, hd, out.data_ptr(), 3)
+    assert used == (3 if B > 5 else 1) and torch.equal(out.view(3, h, B, N, hd).permute(2, 3, 0, 1, 4), got)
+
+
+@pytest.mark.parametrize("counts", [[5, 2, 7], [7, 7, 7], [64, 3, 50, 64, 17, 1, 60] * 3])
+def test_pack_heads_takes_attention_output_back_to_packed_rows(counts, monkeypatch):
+    """`pack_heads` of the heads-major layout `unpack_qkv` made gives back the packed rows it came from (here v's
+    columns), bitwise, with the kernel and in torch's form. Of the 3 threads offered, the kernel takes one for a
+    small batch, two for the last (a copy of 2.75M floats: `COPY_PER_THREAD` each)."""
+    B, N, (h, hd) = len(counts), max(counts), (2, 4) if len(counts) < 5 else (8, 256)
+    mask = torch.arange(N) < torch.tensor(counts).unsqueeze(1)
+    qkv = torch.randn(sum(counts), 3 * h * hd, generator=torch.Generator().manual_seed(B))
+    v = tokens.unpack_qkv(qkv, mask, h).permute(2, 0, 3, 1, 4)[2]  # (B, h, N, hd), as attention's output lies
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    calls = []
+    real = tokens._kernels.pack_heads
+    monkeypatch.setattr(tokens._kernels, "pack_heads", lambda *a: calls.append(real(*a)) or calls[-1])
+    assert torch.equal(tokens.pack_heads(v, mask), qkv[:, 2 * h * hd:])
+    assert calls == [2 if B > 5 else 1]
+    monkeypatch.setattr(tokens, "_kernels", None)
+    assert torch.equal(tokens.pack_heads(v, mask), qkv[:, 2 * h * hd:])
 
 
 def test_kernel_refuses_raw_statistics_of_mismatched_shapes():
