@@ -100,7 +100,7 @@ class TokenBlock(Block):
     def onnx_merge_macs(self, n: int, m: int) -> int:
         """MACs of this block's merge sums in an exported ONNX graph, per image, with n tokens into attention and m
         into the MLP: there the merge sums run as one-hot (destinations x sources) products
-        (`ltmpctl.tokens.matmul_merges`). 0 for a block that merges nothing."""
+        (`ltmpctl.tokens.onnx_products`). 0 for a block that merges nothing."""
         return 0
 
     def _mlp_residual(self, x: Tensor) -> Tensor:

@@ -357,6 +357,12 @@ def received_attention(probs: Tensor, mask: Optional[Tensor], num_prefix: int, f
         per_head = unflat_heads(torch.bmm(weights, flat_heads(probs, major)), B, major)  # (B, h, 1, N)
         denom = rows.sum(1, keepdim=True) * h if padded else float(h * N)
         return prefix_inf(per_head.sum(1)[:, 0] / denom, num_prefix, fast)
+    if onnx_products.on and (mask is None or padded):  # the ONNX graph: one product, not two or three ReduceSums
+        rows = mask.to(probs.dtype) if padded else probs.new_ones(B, N)  # (B, N)
+        weights = rows.unsqueeze(1).expand(B, h, N).reshape(B, 1, h * N)  # every head's query rows, P's order
+        imp = torch.matmul(weights, probs.reshape(B, h * N, N)).squeeze(1)
+        denom = rows.sum(1, keepdim=True) * h if padded else float(h * N)
+        return prefix_inf(imp / denom, num_prefix)
     if padded:
         rows = mask.to(probs.dtype)  # (B, N)
         imp = (probs.sum(1) * rows.unsqueeze(-1)).sum(1) / (rows.sum(1, keepdim=True) * h)
@@ -559,12 +565,12 @@ def merge_rows(t: Tensor, node_idx: Tensor, src: Tensor, num_prefix: int) -> Ten
 
     For traced graphs: one row-indexed accumulate (ONNX ScatterND with reduction add) over the flattened batch,
     instead of a scatter whose index is expanded over the D features (ONNX ScatterElements: in onnxruntime's
-    profile ~0.19 ms a deit_tiny block at batch 1 and ~5 ms at batch 32). Under `matmul_merges` (the ONNX export):
+    profile ~0.19 ms a deit_tiny block at batch 1 and ~5 ms at batch 32). Under `onnx_products` (the ONNX export):
     a one-hot (B, N, R) product instead (`merge_into`), the same sums up to their order.
     """
     B, N, D = t.shape
     first_b = ab_starts(num_prefix)[1]
-    if matmul_merges.on:
+    if onnx_products.on:
         return merge_into(t, first_b + 2 * node_idx, src)
     rows = torch.arange(B, device=t.device).unsqueeze(1) * N + first_b + 2 * node_idx  # (B, R)
     return t.reshape(B * N, D).index_put((rows.reshape(-1),), src.reshape(-1, D), accumulate=True).view(B, N, D)
@@ -572,22 +578,28 @@ def merge_rows(t: Tensor, node_idx: Tensor, src: Tensor, num_prefix: int) -> Ten
 
 def merge_into(dst: Tensor, idx: Tensor, src: Tensor) -> Tensor:
     """dst (B, M, D) with each source row src[b, i] (B, R, D) added to row idx[b, i] (B, R), as one one-hot
-    (B, M, R) product (`matmul_merges`: the ONNX graphs' race-free merge sum). Every src row must be finite."""
+    (B, M, R) product (`onnx_products`: the ONNX graphs' race-free merge sum). Every src row must be finite."""
     hits = idx.unsqueeze(1) == torch.arange(dst.shape[1], device=dst.device).view(1, -1, 1)  # (B, M, R)
     return dst + hits.to(dst.dtype) @ src
 
 
-class matmul_merges:  # noqa: N801 (used as a function: `with matmul_merges():`)
+class onnx_products:  # noqa: N801 (used as a function: `with onnx_products():`)
     """Within this scope (the ONNX export) the traced merge sums run as one-hot matrix products (`merge_into`: in
-    `merge_rows`, and in ltmp's step straight into the B rows).
+    `merge_rows`, and in ltmp's step straight into the B rows), and the importance's sums over heads and queries as
+    one row-weights product (`received_attention`). The merge products' MACs count in the exported graph's executed
+    FLOPs (`TokenBlock.onnx_merge_macs`); the importance's is a matrix-vector product, a reduction like the eager
+    forms' (1 x h * N) @ (h * N x N) bmm, which no FLOPs count includes.
 
     onnxruntime's CPU ScatterND with reduction add splits its updates over the intra-op threads with no atomics
     (`TryParallelFor`): two sources of one destination added at once lose one of them, and the order of the others
     changes from run to run. deit_tiny's ltmp graph at batch 32 on 2 threads gave different logits in every one of
     40 runs and lost a merged token (|diff| to eager up to 9.7e-3) in several; with the product, 0 of 40 differed
     and the largest |diff| was 1.2e-6. Over all N rows the product cost onnxruntime ~3% of ltmp's batch-1 time
-    there, into the B rows only ~1%, and nothing measurable at batch 32; its MACs count in the exported graph's
-    executed FLOPs (`TokenBlock.onnx_merge_macs`).
+    there, into the B rows only ~1%, and nothing measurable at batch 32.
+    onnxruntime sums the importance over the (heads x queries) rows faster as a MatMul (one batched (1 x h * N) @
+    (h * N x N) product, MLAS) than as ReduceSums over the middle axes: deit_tiny's ltmp file, two scratch A/Bs of
+    the two files interleaved (2 threads), 0.752 -> 0.721 and 0.724 -> 0.706 of the base's time at batch 1, 0.580 ->
+    0.558 and 0.549 -> 0.544 at batch 8.
     ExecuTorch's portable index_put and torch's CPU accumulate run serially: the mobile and TorchScript exports keep
     the accumulate.
     """
@@ -595,10 +607,10 @@ class matmul_merges:  # noqa: N801 (used as a function: `with matmul_merges():`)
     on = False
 
     def __enter__(self) -> None:
-        self._was, matmul_merges.on = matmul_merges.on, True
+        self._was, onnx_products.on = onnx_products.on, True
 
     def __exit__(self, *exc: object) -> None:
-        matmul_merges.on = self._was
+        onnx_products.on = self._was
 
 
 def fused_merge_prune(

@@ -38,11 +38,11 @@ from ltmpctl.tokens import (
     fused_merge_prune,
     kernel_ready,
     match,
-    matmul_merges,
     merge_into,
     merge_prune_raw,
     merge_prune_raw_packed,
     merge_rows,
+    onnx_products,
     pack,
     pack_heads,
     real_rows,
@@ -255,7 +255,7 @@ class LTMPBlock(TokenBlock):
 
         Built for the runtimes' per-node costs: size-weighted features, sizes and the prune test merge as one
         tensor in one row-indexed accumulate (`merge_rows`; in the ONNX export a one-hot product into the B rows,
-        `matmul_merges`), and one topk orders the kept candidates (`compact`).
+        `onnx_products`), and one topk orders the kept candidates (`compact`).
         A destination is kept when its own importance or a merged source's is above the threshold, which is the
         reference's test on their maximum, so the flags merge as sums like the rest. onnxruntime, deit_tiny, ltmp's
         latency over the base's: 0.746 -> 0.687 at batch 1 (60 interleaved rounds) and 0.565 -> 0.503 at batch 32
@@ -274,7 +274,7 @@ class LTMPBlock(TokenBlock):
         t = torch.cat([x * size, size, flag.unsqueeze(-1).to(x.dtype)], dim=-1)  # (B, N, C + 2)
         t_a, t_b = split_ab(t, P)
         src = t_a * merge.unsqueeze(-1).to(x.dtype)
-        if matmul_merges.on:  # the candidates laid out in their order: the one-hot product covers the B rows only
+        if onnx_products.on:  # the candidates laid out in their order: the one-hot product covers the B rows only
             t_b = merge_into(t_b, node_idx, src)
             t, positions = torch.cat([t[:, :P], t_a, t_b], dim=1), None
         else:

@@ -97,7 +97,7 @@ def test_ltmp_onnx_graph_is_data_dependent(ltmp_onnx):
 
 def accumulating_scatters(path: Path) -> list[str]:
     """Nodes of an ONNX file that scatter with a reduction: onnxruntime runs their updates in parallel without atomics,
-    so duplicate indices race (`ltmpctl.tokens.matmul_merges`)."""
+    so duplicate indices race (`ltmpctl.tokens.onnx_products`)."""
     import onnx
 
     return [n.name for n in onnx.load(str(path)).graph.node if n.op_type.startswith("Scatter")
@@ -108,6 +108,22 @@ def test_ltmp_onnx_merges_without_racing_scatters(ltmp_onnx, session, images):
     assert accumulating_scatters(ltmp_onnx[1] / "model.onnx") == []
     first = ort_logits(session, images)
     assert all(np.array_equal(ort_logits(session, images), first) for _ in range(5))  # run to run, the same bits
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_onnx_importance_product_is_the_reduction(padded):
+    """Under `onnx_products` (the ONNX export) importance is one (1 x h * N) @ (h * N x N) product per image: the
+    same values as the reductions (to rounding), padding query rows (here holding nonzero probabilities) weighed out."""
+    from ltmpctl.tokens import onnx_products, received_attention
+
+    B, h, N, P = 3, 2, 9, 1
+    probs = torch.randn(B, h, N, N, generator=torch.Generator().manual_seed(3)).softmax(-1)
+    mask = torch.arange(N) < torch.tensor([[9], [5], [3]]) if padded else None
+    want = received_attention(probs, mask, P)
+    with onnx_products():
+        got = received_attention(probs, mask, P)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert got[:, :P].isinf().all() and torch.isfinite(got[:, P:]).all()
 
 
 def test_ltmp_onnx_matches_eager_per_image(ltmp_onnx, session, images, example):

@@ -13,7 +13,7 @@ from ltmpctl import demo
 from ltmpctl.analysis import TOLERANCE, analyze_flops
 from ltmpctl.cli import app
 from ltmpctl.flops import LN, base_macs, batch_ratios, fvcore_macs, is_merging, measured_ratio, model_macs, vit_shape
-from ltmpctl.tokens import matmul_merges
+from ltmpctl.tokens import onnx_products
 
 VARIANTS = {"plain": {}, "distilled": {"distilled": True}, "qk_norm": {"qk_norm": True}}
 COMPRESSORS = [
@@ -105,7 +105,7 @@ def test_batch_ratios_mean_and_what_the_packed_batch_computes(images):
 
 def test_batch_ratios_of_the_exported_graph(images, monkeypatch):
     """What an exported ONNX graph computes on a padded batch: the attention half at the widest image's counts, the
-    MLP on the real tokens (`TokenBlock._mlp_gathers`), the merge sums as one-hot products (`matmul_merges`),
+    MLP on the real tokens (`TokenBlock._mlp_gathers`), the merge sums as one-hot products (`onnx_products`),
     checked against the multiply-adds of the traced form."""
     import sys
 
@@ -123,7 +123,7 @@ def test_batch_ratios_of_the_exported_graph(images, monkeypatch):
     static_single = sum(_matmul_macs(static, images[i:i + 1]) for i in range(len(images)))
     for module in ("ltmpctl.tokens", "ltmpctl.compressor", type(model.blocks[0]).__module__):
         monkeypatch.setattr(sys.modules[module], "eager", lambda: False)  # the branches a trace takes
-    with matmul_merges():
+    with onnx_products():
         padding = _matmul_macs(model, images) - single
         merge_sums = _matmul_macs(static, images) - static_single
     # rel: the matching product, as above.

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ExportError
-from ..tokens import matmul_merges
+from ..tokens import onnx_products
 from .verify import Runner
 
 # torch.onnx's exporter writes opset 18 and newer; lower ones go through a converter that fails on these graphs
@@ -40,7 +40,7 @@ def export(model: torch.nn.Module, example: Tensor, path: Path, opset: int) -> N
         # torch.export specialises a dimension of size 1 to a constant; two images keep the batch symbolic.
         example = torch.cat([example, example.flip(-1)])
     batch = torch.export.Dim("batch", min=1, max=BATCH_LIMIT)
-    with warnings.catch_warnings(), matmul_merges():
+    with warnings.catch_warnings(), onnx_products():
         # The exporter warns about every data-dependent symbol it creates; the verification is what counts.
         warnings.simplefilter("ignore")
         torch.onnx.export(
