@@ -270,7 +270,8 @@ static void decide_rows(const step *s, Py_ssize_t b, int w) {
     }
     if (s->keys && na > 0 && nb > 0) {
         const Py_ssize_t nbp = (nb + 15) / 16 * 16;
-        float *raw_scores = s->stats + w * s->n_stats, *metric = raw_scores + s->NAmax * s->NB, *bt = metric + N * s->hd;
+        float *raw_scores = s->stats + w * s->n_stats, *metric = raw_scores + s->NAmax * s->NB;
+        float *bt = metric + N * s->hd;
         scores_of(raw_scores, s->keys + b * s->key_b, s->key_h, s->key_n, s->H, n, s->hd, first_a, first_b, na, nb,
                   nbp, metric, bt, bt + s->hd * nbp);
         scb = raw_scores, s_row = nb;
@@ -396,7 +397,8 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
     s.matching = s.node_idx != NULL || s.scores != NULL || s.keys != NULL;
     const Py_ssize_t NBp = (s.NB + 15) / 16 * 16, NAm = s.NAmax + 1, NBm = s.NB + 1;
     s.n_stats = s.keys ? s.NAmax * s.NB + N * hd + hd * NBp + NBp : 0;
-    /* Threads by the images' work: their probabilities (or scores' products, or rows) */
+    /* Each image's real tokens, first row and work (its probabilities, keys' metric and scores, rows), by which
+       the images are split over threads. */
     Py_ssize_t *per_image = malloc(sizeof(Py_ssize_t) * 5 * (B + 1)), bounds[MAX_THREADS + 1];
     double *cost = malloc(sizeof(double) * (B + 1)), total = 0.0;
     if (!per_image || !cost) {
@@ -411,7 +413,8 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
             for (Py_ssize_t p = 0; p < N; p++) n += s.mask[b * N + p] != 0;
         }
         s.n[b] = n, s.row[b] = row, row += n;
-        cost[b] = (double)n * ((s.probs ? (double)H * n : 0.0) + (s.keys ? (double)H * hd + (double)n * hd / 4 : 0.0) + C);
+        const double stats = (s.probs ? (double)H * n : 0.0) + (s.keys ? (double)H * hd + (double)n * hd / 4 : 0.0);
+        cost[b] = (double)n * (stats + C);
         total += cost[b];
     }
     const int nt = split_images(bounds, cost, B, total, WORK_PER_THREAD, threads);
