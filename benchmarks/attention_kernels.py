@@ -33,7 +33,7 @@ CHOSEN = tokens.explicit_wins
 def attention_fn(attn: Attention, qkv: torch.Tensor, size: torch.Tensor, explicit: bool) -> Callable[[], object]:
     """One call of the attention core with the kernel forced to `explicit` or fused."""
     def run() -> torch.Tensor:
-        tokens.explicit_wins = lambda batch, n: explicit
+        tokens.explicit_wins = lambda *shape: explicit
         try:
             return tokens.attention_core(attn, qkv, size, None, 1, None, False).out
         finally:
@@ -66,7 +66,7 @@ def main() -> None:
                     fused, explicit = attention_fn(attn, qkv, size, False), attention_fn(attn, qkv, size, True)
                     diff = float((fused() - explicit()).abs().max())
                     t_fused, t_expl = interleaved_ms([fused, explicit], args.repeats)
-                    pick = CHOSEN(batch, n)
+                    pick = CHOSEN(batch, heads, n, width // heads)
                     right = (t_expl < t_fused) == pick
                     print(f"{model:<10} {batch:>5} {n:>6} {t_fused:>9.3f} {t_expl:>11.3f} {t_expl / t_fused:>10.2f} "
                           f"{diff:>10.1e}  {'explicit' if pick else 'fused'}{'' if right else ' (slower here)'}")

@@ -157,7 +157,8 @@ def attention_core(
     bias = key_bias(size, mask, prop_attn, fast)  # (B, 1, 1, N) or None
 
     imp = None
-    if importance is None and not raw and mask is None and attn.fused_attn and not (fast and explicit_wins(B, N)):
+    if (importance is None and not raw and mask is None and attn.fused_attn
+            and not (fast and explicit_wins(B, h, N, hd))):
         # Fast path (tome, identity): the fused kernel, nothing but the output needed.
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
@@ -220,21 +221,27 @@ def _zero(like: Tensor) -> Tensor:
     return z
 
 
-# Batched attention over at most this many tokens runs faster as explicit products than as torch's fused CPU kernel.
-EXPLICIT_MAX_TOKENS = 128
+# Where explicit products beat torch's fused CPU attention kernel: batches of at least this many (image, head)
+# matrices of narrow heads, over a middle range of token counts (`explicit_wins`).
+EXPLICIT_MIN_MATRICES = 256
+EXPLICIT_MAX_HEAD_DIM = 32
+EXPLICIT_TOKENS = (32, 128)
 
 
-def explicit_wins(batch: int, tokens: int) -> bool:
+def explicit_wins(batch: int, heads: int, tokens: int, head_dim: int) -> bool:
     """Whether explicit attention (one batched GEMM with the key bias, softmax, one batched GEMM) beats
-    `scaled_dot_product_attention` on CPU for `batch` images of `tokens` tokens.
+    `scaled_dot_product_attention` on CPU for `batch` images of `heads` heads over `tokens` tokens.
 
-    Measured per shape (`benchmarks/attention_kernels.py`, 2-core AMD EPYC VM, 2 threads): the fused kernel's fixed
-    cost per (image, head) dominates short sequences, so for batches of up to ~100 tokens the explicit form takes
-    0.54-0.96x its time (the demo's 50 tokens at batch 64: 1.9 vs 2.8 ms; deit_tiny's 101 at batch 32: 3.6 vs 4.2
-    ms), while from ~150 tokens, and at batch 1 at every length, the fused kernel wins (deit_tiny's 149 at batch 32:
-    7.3 vs 9.1 ms; 197: 10.7 vs 29.5 ms). Values differ by rounding only (~1e-6).
+    Measured per shape (`benchmarks/attention_kernels.py --threads 2`, 2-core AMD EPYC VM, two quiet runs on
+    2026-12-08): explicit wins only for the demo's narrow heads (32 wide) at batch 64 over 34-50 tokens (0.78-0.90 of
+    the fused time; at batch 32, 50 tokens: 0.95 / 1.04, a tie). Everywhere else the fused kernel wins: deit_tiny's
+    64-wide heads at batch 32 and 64 (explicit 1.01-1.45x at 23-101 tokens, 1.1-2.3x from 149), 18-23 tokens
+    (1.02-1.56x), and batch 1 at every length (1.35-2.4x). An earlier day on this VM had explicit ahead up to ~100
+    tokens at every batch (0.54-0.96x); the script's last column says which form this rule picks and whether it is
+    the faster on the machine at hand. Values differ by rounding only (~1e-6).
     """
-    return batch > 1 and tokens <= EXPLICIT_MAX_TOKENS
+    return (batch * heads >= EXPLICIT_MIN_MATRICES and head_dim <= EXPLICIT_MAX_HEAD_DIM
+            and EXPLICIT_TOKENS[0] <= tokens <= EXPLICIT_TOKENS[1])
 
 
 # Batched attention logits over more tokens than this get their key bias added after the product, not in it.

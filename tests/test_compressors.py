@@ -283,22 +283,24 @@ def test_unknown_compressor_and_unsupported_models():
 
 
 def test_attention_kernel_follows_the_shape(images, monkeypatch):
-    """Eager eval attention that needs only its output (tome) takes the explicit products for batches of short
-    sequences and the fused kernel at batch 1 (`tokens.explicit_wins`); both give the same logits to rounding."""
+    """Eager eval attention that needs only its output (tome) takes the explicit products for large batches of
+    narrow heads over 32-128 tokens, else the fused kernel (`tokens.explicit_wins`); both give the same logits to
+    rounding."""
     import torch.nn.functional as F
 
     import ltmpctl.tokens as tokens
 
-    model = ltmpctl.apply(tiny_vit(), "tome", r=8)
+    model = ltmpctl.apply(tiny_vit(), "tome", r=8)  # 2 heads of 32, 65 tokens, then 57, 49
     fused_calls = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
     with torch.no_grad():
-        explicit = model(images)  # 6 images of 65 tokens: explicit
-        assert fused_calls == []
+        fused = model(images)  # 6 images x 2 heads: too few matrices
+        assert len(fused_calls) == len(model.blocks)
+        monkeypatch.setattr(tokens, "EXPLICIT_MIN_MATRICES", 12)
+        explicit = model(images)
+        assert len(fused_calls) == len(model.blocks)  # explicit in every block
         model(images[:1])
-        assert len(fused_calls) == len(model.blocks)  # batch 1: fused in every block
-        monkeypatch.setattr(tokens, "EXPLICIT_MAX_TOKENS", 0)
-        fused = model(images)
-    assert len(fused_calls) == 2 * len(model.blocks)
+        assert len(fused_calls) == 2 * len(model.blocks)  # batch 1: 2 matrices, fused
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
+    assert not tokens.explicit_wins(64, 3, 101, 64) and tokens.explicit_wins(64, 4, 50, 32)  # deit_tiny, the demo
