@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import statistics
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch starts OpenMP (shared/SETUP.md)
 
@@ -55,7 +55,7 @@ def step_alone(B: int, H: int, N: int, hd: int, threads: int) -> dict[str, tuple
     def raw_step(n: int) -> Callable[[], Any]:
         return lambda: T.merge_prune_raw_packed(x, size, 1, 0.5, 0.5 / N, probs, k, mask, 3, n)
 
-    def on(n: int, f: Callable[[], Any]) -> Callable[[], Any]:
+    def on(n: Optional[int], f: Callable[[], Any]) -> Callable[[], Any]:
         """f with torch's thread count read as n (None: with the kernels unbuilt, torch's forms)."""
         def run() -> Any:
             count = torch.get_num_threads

@@ -203,8 +203,16 @@ static void run_ranges(range_fn f, void *ctx, const Py_ssize_t *bounds, int thre
     }
 }
 
-/* How many threads (1..threads) B images of the given costs (cost[b] > 0, summing to total) are worth, at least
-   per_thread each, and where their ranges start: bounds (threads + 1) split the total cost about evenly. */
+/* The real tokens of one image's row of a padding mask (N bytes). */
+static Py_ssize_t real_tokens(const uint8_t *mask, Py_ssize_t N) {
+    Py_ssize_t n = 0;
+    for (Py_ssize_t p = 0; p < N; p++) n += mask[p] != 0;
+    return n;
+}
+
+/* How many threads (1..threads) B images of the given costs (cost[b] > 0, summing to total; NULL: all alike) are
+   worth, at least per_thread each, and where their ranges start: bounds (threads + 1) split the total cost about
+   evenly. */
 static int split_images(Py_ssize_t *bounds, const double *cost, Py_ssize_t B, double total, double per_thread,
                         int threads) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -215,7 +223,11 @@ static int split_images(Py_ssize_t *bounds, const double *cost, Py_ssize_t B, do
     double acc = 0.0;
     Py_ssize_t b = 0;
     for (int t = 1; t < threads; t++) {
-        while (b < B && acc + cost[b] / 2 < total * t / threads) acc += cost[b++];
+        for (; b < B; b++) {
+            const double c = cost ? cost[b] : total / B;
+            if (acc + c / 2 >= total * t / threads) break;
+            acc += c;
+        }
         bounds[t] = b;
     }
     bounds[threads] = B;
@@ -407,11 +419,7 @@ static PyObject *merge_prune(PyObject *self, PyObject *args) {
     }
     s.n = per_image, s.row = s.n + B + 1, s.out = s.row + B + 1, s.kept = s.out + B + 1, s.r_b = s.kept + B + 1;
     for (Py_ssize_t b = 0, row = 0; b < B; b++) {
-        Py_ssize_t n = N;
-        if (s.mask) {
-            n = 0;
-            for (Py_ssize_t p = 0; p < N; p++) n += s.mask[b * N + p] != 0;
-        }
+        const Py_ssize_t n = s.mask ? real_tokens(s.mask + b * N, N) : N;
         s.n[b] = n, s.row[b] = row, row += n;
         const double stats = (s.probs ? (double)H * n : 0.0) + (s.keys ? (double)H * hd + (double)n * hd / 4 : 0.0);
         cost[b] = (double)n * (stats + C);
@@ -532,21 +540,15 @@ static PyObject *heads_copy(PyObject *args, int to_heads) {
     int threads = 1, nt;
     if (!PyArg_ParseTuple(args, "KKnnnnK|i", &ppacked, &pmask, &B, &N, &G, &hd, &pheads, &threads)) return NULL;
     Py_ssize_t *row = malloc(sizeof(Py_ssize_t) * (B + 1));
-    double *cost = malloc(sizeof(double) * (B + 1));
-    if (!row || !cost) {
-        free(row), free(cost);
-        return PyErr_NoMemory();
-    }
+    if (!row) return PyErr_NoMemory();
     heads_job j = {as_ptr(ppacked), as_ptr(pheads), as_ptr(pmask), row, B, N, G, hd};
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t b = 0, r = 0; b < B; b++) {
-        row[b] = r, cost[b] = (double)N * G * hd;
-        for (Py_ssize_t p = 0; p < N; p++) r += j.mask[b * N + p] != 0;
-    }
-    nt = split_images(bounds, cost, B, (double)B * N * G * hd, COPY_PER_THREAD, threads);
+    for (Py_ssize_t b = 0, r = 0; b < B; b++) row[b] = r, r += real_tokens(j.mask + b * N, N);
+    /* Every image costs the same: N padded rows of G heads. */
+    nt = split_images(bounds, NULL, B, (double)B * N * G * hd, COPY_PER_THREAD, threads);
     run_ranges(to_heads ? unpack_range : pack_range, &j, bounds, nt);
     Py_END_ALLOW_THREADS
-    free(row), free(cost);
+    free(row);
     return PyLong_FromLong(nt);
 }
 
