@@ -13,9 +13,10 @@ exec = what the batched forward really computes (`ltmpctl.flops.executed_macs`: 
 products padded to the batch's widest image in eager, and its whole attention half so in the ONNX graph), equal
 to FLOPs at batch 1. lat/FLOPs = latency ratio / FLOPs ratio
 (1.00 = time falls exactly with FLOPs). bound = the latency ratio with zero reduction overhead: the base model's own
-blocks fed the compressor's token schedule by plain slicing (torch rows where every image of the batch keeps the
-same counts; shared/SPEED.md). ops/blk = aten ops called from Python per forward, over the blocks (torch rows; the
-plain timm block is the base row). `--profile` adds where each forward's time goes.
+blocks fed the compressor's token schedule by plain slicing, on the threads the compressed models use (torch rows
+where every image of the batch keeps the same counts; shared/SPEED.md). ops/blk = aten ops called from Python per
+forward, over the blocks (torch rows; the plain timm block is the base row). `--profile` adds where each forward's
+time goes.
 The `A/A` rows time a second copy of the base (the same file for onnxruntime and ExecuTorch) in the same interleave:
 their latency ratio, 1.000 on a quiet machine, is the table's own noise floor (a shared 2-core VM's busy hour put it at
 0.97-1.20 at batch 1).
@@ -38,6 +39,7 @@ from ltmpctl.bench.local import (bench_onnx_files, bench_pte_files, bench_torch_
                                  random_batch, set_threads)
 from ltmpctl.compressor import token_counts  # noqa: E402
 from ltmpctl.flops import batch_ratios  # noqa: E402
+from ltmpctl.tokens import serial  # noqa: E402
 
 from _methods import COMPRESSORS, in_fresh_process, methods_at, short  # noqa: E402
 from _profile import op_count, ort_profile, print_profile, torch_profile  # noqa: E402
@@ -102,7 +104,8 @@ def export(model: torch.nn.Module, fmt: str, out: Path, images: torch.Tensor) ->
 
 
 class Bound(torch.nn.Module):
-    """The zero-overhead bound of a token schedule: `base`'s own blocks, block i fed the first schedule[i] tokens."""
+    """The zero-overhead bound of a token schedule: `base`'s own blocks, block i fed the first schedule[i] tokens,
+    each part on the threads a compressed model gives it (`ltmpctl.tokens.serial`: one where the tokens are few)."""
 
     def __init__(self, base: torch.nn.Module, schedule: list[int]) -> None:
         super().__init__()
@@ -110,10 +113,15 @@ class Bound(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.base
-        x = m.norm_pre(m._pos_embed(m.patch_embed(x)))
+        with serial(x.shape[0] * self.schedule[0] * m.embed_dim):
+            x = m.norm_pre(m._pos_embed(m.patch_embed(x)))
         for blk, n in zip(m.blocks, self.schedule):
-            x = blk(x[:, :n])
-        return m.forward_head(m.norm(x))
+            x = x[:, :n]
+            with serial(x):
+                x = blk(x)
+        with serial(x):
+            x = m.norm(x)
+        return m.forward_head(x)
 
 
 def bound_of(base: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor) -> Bound | None:

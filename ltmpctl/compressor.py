@@ -77,11 +77,8 @@ class TokenBlock(Block):
         torch ops were 25-30 of them a block. Decisions are the torch forms' up to their statistics' rounding."""
         attn = self.attn
         h = self.norm1(x)
-        qkv = attn.qkv(h)
-        with serial(h):
-            out, p, keys = attention_single(attn, qkv, size if self.size_bias else None, probs)
+        out, p, keys = attention_single(attn, attn.qkv(h), size if self.size_bias else None, probs)
         x = x + self.drop_path1(self.ls1(attention_proj(attn, out, h)))
-        # No `serial` scope: the step is one single-threaded C call and two allocations, which never use the pool.
         x, size = self.reduce_raw(x, size, p, keys)
         return self._mlp_residual(x), size, None
 
@@ -160,16 +157,18 @@ class CompressedViT:
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ModelError("attention masks are not supported on a token-reduced model")
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
+        with serial(self._stem_values(x)):  # one thread where the tokens are few; see `ltmpctl.tokens.serial`
+            x = self.patch_embed(x)
+            x = self._pos_embed(x)
+            x = self.patch_drop(x)
+            x = self.norm_pre(x)
         size = x.new_ones(x.shape[0], x.shape[1], 1)  # (B, N, 1): every token is one patch
         mask: Optional[Tensor] = None
         alive = [_alive_count(x, mask)]  # tokens entering block 0, then leaving each block: an int, or (B,) under masks
         masks = []
         for blk in self.blocks:
-            x, size, mask = blk(x, size, mask)
+            with serial(x):
+                x, size, mask = blk(x, size, mask)
             alive.append(_alive_count(x, mask))
             masks.append(mask)
         if x.dim() == 2:  # a block handed on packed tokens (T, C) of a padded batch (`ltmpctl.tokens.pack`)
@@ -179,7 +178,13 @@ class CompressedViT:
             n = _count_table(alive, x.shape[0], x.device)  # (B, depth + 1)
             self.ltmpctl_counts = torch.stack([n[:, :-1], n[:, 1:]], dim=-1)  # (B, depth, 2)
             self.ltmpctl_masks = masks
-        return self.norm(x)
+        with serial(x):
+            return self.norm(x)
+
+    def _stem_values(self, images: Tensor) -> int:
+        """How many values the tokens entering block 0 hold for these images (B, C, H, W): B x N x width."""
+        grid = self.patch_embed.dynamic_feat_size(images.shape[-2:])
+        return images.shape[0] * (grid[0] * grid[1] + self.num_prefix_tokens) * self.embed_dim
 
 
 @dataclass(frozen=True)

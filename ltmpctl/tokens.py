@@ -13,7 +13,7 @@ Masks come in two kinds:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -55,44 +55,49 @@ def eager() -> bool:
     return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
-# Token tensors up to this many elements (B x N x C) have their attention core run on one thread; see `serial`.
+# Blocks whose token tensors hold up to this many values (B x N x C) run on one thread, whole; see `serial`.
 SERIAL_ELEMENTS = 1 << 14
-# ... and their reduction step (matching, merging, pruning, compaction), which has no product worth a second thread.
+# ... and the reduction step (matching, merging, pruning, compaction) up to this many: it has no product worth a
+# second thread.
 SERIAL_REDUCE_ELEMENTS = 1 << 20
 
 
 class serial:  # noqa: N801 (used as a function: `with serial(x):`)
-    """Run the block's own small ops on one thread when its tokens `x` are few (eager only; a no-op elsewhere).
+    """Run what follows on one thread when the tokens `x` are few (eager only; a no-op elsewhere).
 
-    The compressors' work between timm's layers (attention products of up to ~85 tokens at deit_tiny's width,
-    matching, merging, compaction) is too small to gain from a second thread, and with OpenMP's passive waiting every
-    kernel that goes parallel pays for waking it: on a 2-core machine at deit_tiny's sizes
-    (`benchmarks/serial_scope.py --kernels`), the (98 x 64) @ (64 x 98) matching product takes 116 us on two threads
-    and 27 us on one, a softmax over (3, 100, 100) 74 vs 31 us. The attention core's bound is 16k values (deit_tiny's
-    blocks of up to ~85 tokens at batch 1): with 64k (every deit_tiny batch-1 block), tome's and topk's deit_tiny
-    batch-1 latency ratios were 0.03-0.07 worse and ltmp's 0.01-0.05 (2-core AMD EPYC VM, three interleaved runs of
-    30-80 forwards). Single attention kernels timed in a loop go either way with the host's load
-    (`benchmarks/attention_kernels.py --threads 1` vs `--threads 2`), so the bound is set by the whole forward.
-    Switching costs well under a microsecond (a class, not a generator context manager: entered twice a block, the
-    generator's machinery was ~8 Python calls each time). The values are bitwise those of the threaded run on
-    deit_tiny, the demo and the test models (products and softmax rows are computed whole by one thread either
-    way). timm's own layers (qkv, proj, MLP, norms) keep the caller's thread count. The count is process-wide:
-    another Python thread running torch ops meanwhile would run them on one thread too.
+    `x`: the token tensor, or its number of values. A compressed model (`ltmpctl.compressor.CompressedViT`) runs each
+    block in this scope on the tokens entering it, and its patch embedding and final norm on the token count they
+    make: with OpenMP's passive waiting (ltmpctl's default, shared/SETUP.md) every kernel that goes parallel pays for
+    waking the second thread, and at a few thousand token values that wake-up is most of the kernel. On a 2-core
+    machine (AMD EPYC VM, 2026-12-08), one timm block at batch 1, one thread against two: deit_tiny's width (192) over
+    197 / 150 / 120 / 100 / 85 / 60 / 40 / 20 tokens 1.16 / 1.11 / 0.97 / 0.94 / 0.89 / 0.72 / 0.63 / 0.53 the time
+    (one thread wins from ~110 tokens down, 21k values); the demo's (128 wide, 4 heads) over 50 / 25 tokens 0.52 /
+    0.40; single kernels (`benchmarks/serial_scope.py --kernels`): the (98 x 64) @ (64 x 98) matching product 27 us
+    on one thread against 116 on two, a softmax over (3, 100, 100) 31 against 74. The bound, 16k values (deit_tiny's
+    blocks of up to 85 tokens at batch 1, the demo's batches of up to 2), keeps clear of the break-even; before, only
+    the compressors' own attention core and steps took it and timm's layers kept the caller's count (the demo's
+    batch-1 forward then ran at the base's speed: its blocks' wake-ups do not shrink with the tokens).
+    Switching costs well under a microsecond (a class, not a generator context manager). The values are bitwise
+    those of the threaded run on deit_tiny, the demo and the test models (`tests/test_compressors.py`: products,
+    norms and softmax rows are computed whole by one thread either way). The count is process-wide: another Python
+    thread running torch ops meanwhile would run them on one thread too.
 
     `reduce_ops`: the scope of a reduction step (`SERIAL_REDUCE_ELEMENTS`). Its ops are elementwise, indexing and
-    (B, N/2, N/2) products, which a second thread speeds up only on much larger tensors than attention's products:
-    on a 2-core Xeon VM a 40k-element multiply takes 5 us on one thread and 73 us on two, break-even is at 0.3-1M
+    (B, N/2, N/2) products, which a second thread speeds up only on much larger tensors than a block's layers: on a
+    2-core Xeon VM a 40k-element multiply takes 5 us on one thread and 73 us on two, break-even is at 0.3-1M
     elements, and deit_tiny's matching at batch 32 took 1139 us threaded vs 747 on one (the demo at batch 64: 861
     vs 288), so batched forwards reduce on one thread up to about a million token values.
     """
 
     __slots__ = ("_restore",)
 
-    def __init__(self, x: Tensor, reduce_ops: bool = False) -> None:
+    def __init__(self, x: Union[Tensor, int], reduce_ops: bool = False) -> None:
         # eager() first: under export the sizes are symbolic, and comparing them would add a guard on the batch.
         n = torch.get_num_threads() if eager() else 1
         bound = SERIAL_REDUCE_ELEMENTS if reduce_ops else SERIAL_ELEMENTS
-        self._restore = 0 if n == 1 or x.numel() > bound else n  # the caller's count, or 0: nothing to switch
+        if n > 1:
+            n = 0 if (x if isinstance(x, int) else x.numel()) > bound else n
+        self._restore = 0 if n == 1 else n  # the caller's count, or 0: nothing to switch
 
     def __enter__(self) -> None:
         if self._restore:
@@ -119,9 +124,7 @@ def attention(
     softmax changes (a `log(size)` bias on keys and the mask), so with size 1 and no mask it is timm's attention.
     `importance`: None (not needed), "mean" (attention received from all queries) or "cls" (from the class token).
     """
-    qkv = attn.qkv(x)
-    with serial(x):
-        core = attention_core(attn, qkv, size, mask, num_prefix, importance, need_metric, prop_attn)
+    core = attention_core(attn, attn.qkv(x), size, mask, num_prefix, importance, need_metric, prop_attn)
     return core._replace(out=attention_proj(attn, core.out, x))
 
 

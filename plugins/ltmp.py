@@ -131,11 +131,10 @@ class LTMPBlock(TokenBlock):
         key_mask = None if rows.shape[0] == mask.numel() else mask
         h = self.norm1(x)
         qkv = unpack_qkv(self.attn.qkv(h), mask, self.attn.num_heads, rows)  # heads-major: no copies in attention
-        with serial(h):
-            # With the kernel, attention hands its probabilities and keys over raw (`merge_prune_raw_packed`).
-            a = attention_core(self.attn, qkv, unpack(size, mask, rows), key_mask, self.num_prefix,
-                               self.importance_mode, self.need_metric, self.size_bias, raw=kernel_ready(x))
-            out = pack_heads(a.out, mask, rows) if a.probs is not None else pack(a.out, mask, rows)
+        # With the kernel, attention hands its probabilities and keys over raw (`merge_prune_raw_packed`).
+        a = attention_core(self.attn, qkv, unpack(size, mask, rows), key_mask, self.num_prefix,
+                           self.importance_mode, self.need_metric, self.size_bias, raw=kernel_ready(x))
+        out = pack_heads(a.out, mask, rows) if a.probs is not None else pack(a.out, mask, rows)
         x = x + self.drop_path1(self.ls1(attention_proj(self.attn, out, h)))
         if a.probs is not None:  # attention's raw statistics: the kernel reduces them image by image, on threads
             # A floor of prefix + 2 positions, so that the next block's A/B split has a token on each side.
