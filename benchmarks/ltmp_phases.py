@@ -25,7 +25,8 @@ from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
 from latency_vs_flops import ltmp_at, model_args, setup_line  # noqa: E402
 
 # Functions the packed block calls by their module-level names, and its methods, timed as parts.
-FUNCTIONS = ("unpack_qkv", "attention_core", "pack", "pack_heads", "attention_proj", "merge_prune_raw_packed")
+FUNCTIONS = ("unpack_qkv", "unpack_attention", "attention_core", "pack", "pack_heads", "attention_proj",
+             "merge_prune_raw_packed")
 METHODS = ("_reduce_packed",)
 MODULES = ("norm1", "attn.qkv", "norm2", "mlp")
 

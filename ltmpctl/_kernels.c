@@ -503,18 +503,28 @@ static PyObject *keep_top(PyObject *self, PyObject *args) {
 where it is not. One pass of hd-wide copies, where torch's strided index_copy and index_fill took several.
 pack_heads: the way back for attention's output (tokens.pack_heads): heads (G, B * N, hd) -> packed rows (T, G * hd)
 of the real tokens, where a transpose copy and an index_select took two passes.
+unpack_heads also writes attention's key bias where asked (tokens.unpack_attention): bias (bias_heads, B * N), each
+head's copy the same, log_size[row] of a real token's packed row (0 where log_size is not given), -inf in padding.
 Both split the images over up to `threads` threads and return how many they used. */
 typedef struct {
     float *packed, *heads;  /* (T, G * hd) and (G, B * N, hd); the one read is not written */
     const uint8_t *mask;
     const Py_ssize_t *row;  /* each image's first packed row */
     Py_ssize_t B, N, G, hd;
+    float *bias;            /* unpack only, optional: (bias_heads, B * N) */
+    const float *log_size;  /* optional: (T,) */
+    Py_ssize_t bias_heads;
 } heads_job;
 
 static void heads_range(const heads_job *j, Py_ssize_t b0, Py_ssize_t b1, int to_heads) {
     const Py_ssize_t BN = j->B * j->N, width = j->G * j->hd, hd = j->hd, bytes = sizeof(float) * hd;
     float *packed = j->packed + j->row[b0] * width;
     for (Py_ssize_t r = b0 * j->N; r < b1 * j->N; r++) {
+        if (to_heads && j->bias) {
+            const Py_ssize_t row = (packed - j->packed) / width;  /* this token's packed row, if it is real */
+            const float v = !j->mask[r] ? -INFINITY : j->log_size ? j->log_size[row] : 0.0f;
+            for (Py_ssize_t g = 0; g < j->bias_heads; g++) j->bias[g * BN + r] = v;
+        }
         if (j->mask[r]) {
             for (Py_ssize_t g = 0; g < j->G; g++) {
                 float *head = j->heads + (g * BN + r) * hd;
@@ -535,13 +545,16 @@ static void unpack_range(void *ctx, Py_ssize_t b0, Py_ssize_t b1, int worker) { 
 static void pack_range(void *ctx, Py_ssize_t b0, Py_ssize_t b1, int worker) { heads_range(ctx, b0, b1, 0); }
 
 static PyObject *heads_copy(PyObject *args, int to_heads) {
-    unsigned long long ppacked, pmask, pheads;
-    Py_ssize_t B, N, G, hd, bounds[MAX_THREADS + 1];
+    unsigned long long ppacked, pmask, pheads, pbias = 0, plog_size = 0;
+    Py_ssize_t B, N, G, hd, bias_heads = 0, bounds[MAX_THREADS + 1];
     int threads = 1, nt;
-    if (!PyArg_ParseTuple(args, "KKnnnnK|i", &ppacked, &pmask, &B, &N, &G, &hd, &pheads, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKnnnnK|iKKn", &ppacked, &pmask, &B, &N, &G, &hd, &pheads, &threads, &pbias,
+                          &plog_size, &bias_heads))
+        return NULL;
     Py_ssize_t *row = malloc(sizeof(Py_ssize_t) * (B + 1));
     if (!row) return PyErr_NoMemory();
-    heads_job j = {as_ptr(ppacked), as_ptr(pheads), as_ptr(pmask), row, B, N, G, hd};
+    heads_job j = {as_ptr(ppacked), as_ptr(pheads), as_ptr(pmask), row, B, N, G, hd, as_ptr(pbias), as_ptr(plog_size),
+                   bias_heads};
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t b = 0, r = 0; b < B; b++) row[b] = r, r += real_tokens(j.mask + b * N, N);
     /* Every image costs the same: N padded rows of G heads. */
@@ -552,9 +565,11 @@ static PyObject *heads_copy(PyObject *args, int to_heads) {
     return PyLong_FromLong(nt);
 }
 
+/* Arguments: packed (the input), mask, B, N, G, hd, heads (the output), threads; optionally bias, log_size, bias_heads
+   (bias 0: none written). */
 static PyObject *unpack_heads(PyObject *self, PyObject *args) { return heads_copy(args, 1); }
 
-/* Arguments as unpack_heads': packed (the output here), mask, B, N, G, hd, heads (the input), threads. */
+/* Arguments as unpack_heads' (no bias): packed (the output here), mask, B, N, G, hd, heads (the input), threads. */
 static PyObject *pack_heads(PyObject *self, PyObject *args) { return heads_copy(args, 0); }
 
 static PyMethodDef methods[] = {

@@ -134,10 +134,11 @@ def _on_rows(x: Tensor, mask: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
 
 
 def _alive_count(x: Tensor, mask: Optional[Tensor]) -> Union[int, Tensor]:
-    """Tokens per image: the hard mask's sum (B,), or the sequence length (an int) when nothing is masked."""
+    """Tokens per image: the mask's sum (B,), or the sequence length (an int) when nothing is masked. A bool mask
+    sums to integers, made float with the others once per forward (`_count_table`): one op a block, not three."""
     if mask is None:
         return x.shape[1]
-    return mask.detach().float().sum(dim=1)
+    return mask.sum(dim=1) if mask.dtype == torch.bool else mask.detach().sum(dim=1)
 
 
 def _count_table(alive: list[Union[int, Tensor]], batch: int, device: torch.device) -> Tensor:
@@ -145,7 +146,7 @@ def _count_table(alive: list[Union[int, Tensor]], batch: int, device: torch.devi
     if all(isinstance(a, int) for a in alive):
         return torch.tensor(alive, dtype=torch.float32, device=device).expand(batch, -1)
     return torch.stack([a if isinstance(a, Tensor) else torch.full((batch,), float(a), device=device)
-                        for a in alive], dim=1)
+                        for a in alive], dim=1).float()  # bool masks count in integers; stack promotes them
 
 
 class CompressedViT:

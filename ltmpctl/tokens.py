@@ -134,7 +134,8 @@ def attention_proj(attn: torch.nn.Module, o: Tensor, x: Tensor) -> Tensor:
     o = attn.norm(o)
     if getattr(attn, "gate", None) is not None:
         o = o * attn.gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(o))
+    o = attn.proj(o)
+    return attn.proj_drop(o) if attn.training else o  # dropout: the identity in eval (one op less a block)
 
 
 def attention_core(
@@ -147,17 +148,20 @@ def attention_core(
     need_metric: bool,
     prop_attn: bool = True,
     raw: bool = False,
+    bias: Optional[Tensor] = None,
 ) -> AttentionOut:
     """`attention` from the qkv projection (B, N, 3 * attn_dim), or `unpack_qkv`'s (B, N, 3, h, head_dim), on:
     `out` is the heads' output (B, N, attn_dim) before `attention_proj`. `raw` (eval, importance "mean"): the
     probabilities and keys are handed over as they are (`AttentionOut.probs` / `.keys`) instead of the importance and
-    metric, for the C kernel to reduce, and `out` as the heads left it, (B, h, N, head_dim), for `pack_heads`."""
+    metric, for the C kernel to reduce, and `out` as the heads left it, (B, h, N, head_dim), for `pack_heads`.
+    size None: `bias` is the key bias, made already (`unpack_attention`; None: there is none)."""
     B, N = qkv.shape[:2]
     h, hd = attn.num_heads, attn.head_dim
     q, k, v = qkv.reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, hd) each
     q, k = attn.q_norm(q), attn.k_norm(k)
     fast = not attn.training and eager()
-    bias = key_bias(size, mask, prop_attn, fast)  # (B, 1, 1, N) or None
+    if size is not None:
+        bias = key_bias(size, mask, prop_attn, fast)  # (B, 1, 1, N) or None
 
     imp = None
     if (importance is None and not raw and mask is None and attn.fused_attn
@@ -174,7 +178,7 @@ def attention_core(
             imp = prefix_inf(probs[:, :, 0, :].mean(1), num_prefix, fast)
         elif importance is not None:
             imp = received_attention(probs, mask, num_prefix, fast)
-        o = heads_matmul(attn.attn_drop(probs), v)
+        o = heads_matmul(attn.attn_drop(probs) if attn.training else probs, v)  # dropout: the identity in eval
     if raw:
         return AttentionOut(o, None, None, probs, k)
     o = o.transpose(1, 2).reshape(B, N, attn.attn_dim)
@@ -784,34 +788,75 @@ def unpack_qkv(qkv: Tensor, mask: Tensor, num_heads: int, rows: Optional[Tensor]
     4.1 ms a forward and P @ V from 16.3 to 12.5 ms)."""
     B, N = mask.shape
     T, width = qkv.shape
-    hd = width // (3 * num_heads)
-    heads = qkv.view(T, 3 * num_heads, hd).transpose(0, 1)
     if T == B * N:  # nothing padded (e.g. the first block): the heads-major copy alone
-        out = heads.contiguous()
+        hd = width // (3 * num_heads)
+        out = qkv.view(T, 3 * num_heads, hd).transpose(0, 1).contiguous()
     elif kernel_ready(qkv) and qkv.is_contiguous():
-        # One pass of head-wide copies and zero fills in C, images split over torch's thread count (2 threads, alone:
-        # the demo's (64, 40) blocks 0.62 -> 0.17 ms, deit_tiny's (32, 150) 1.08 -> 0.47 ms, on one kernel thread).
-        out, mask = qkv.new_empty(3 * num_heads, B * N, hd), mask.contiguous()  # held: the kernel reads it
-        _kernels.unpack_heads(qkv.data_ptr(), mask.data_ptr(), B, N, 3 * num_heads, hd, out.data_ptr(),
-                              torch.get_num_threads())
+        out = _unpack_heads(qkv, mask, num_heads, None, None)
     else:
         # Real rows copied in, then only the padding rows zeroed (they must be finite: a padding key's logit gets
         # -inf added, and a padding query's row weighs 0 in the importance); zeroing all of it first wrote the
         # whole buffer twice (deit_tiny at batch 32: 0.8 ms a block).
-        out = qkv.new_empty(3 * num_heads, B * N, hd).index_copy_(1, real_rows(mask) if rows is None else rows, heads)
+        heads = qkv.view(T, 3 * num_heads, width // (3 * num_heads)).transpose(0, 1)
+        out = qkv.new_empty(heads.shape[0], B * N, heads.shape[2])
+        out.index_copy_(1, real_rows(mask) if rows is None else rows, heads)
         out.index_fill_(1, real_rows(~mask), 0.0)
-    return out.view(3, num_heads, B, N, hd).permute(2, 3, 0, 1, 4)
+    return _heads_view(out, B, N, num_heads)
 
 
-def pack_heads(o: Tensor, mask: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+def unpack_attention(qkv: Tensor, mask: Tensor, num_heads: int, log_size: Optional[Tensor]
+                     ) -> tuple[Tensor, Optional[Tensor]]:
+    """`unpack_qkv` and attention's key bias (`key_bias`) in one C pass (the caller checks `kernel_ready`): the
+    padded qkv (B, N, 3, h, head_dim) and the bias (B, h, 1, N), each head's copy the same (one head's where B is 1)
+    and laid out heads-major as q and k are, so that the logits' batched product takes it as its input without a
+    copy. log_size: the packed tokens' log sizes (T, 1) (`key_bias`'s eager form, log1p(size - 1)), or None for no
+    proportional attention; the bias is None where there is neither it nor padding.
+
+    key_bias's ~12 ops a block on the padded sizes (unpacking them, the log, the padding's -inf, the expansion over
+    the heads, which copied) become the packed log alone: the same values (the log's, then placed)."""
+    B, N = mask.shape
+    padded = qkv.shape[0] != B * N
+    if not padded and log_size is None:
+        return unpack_qkv(qkv, mask, num_heads), None
+    h = num_heads if B > 1 else 1
+    bias = qkv.new_empty(h, B, 1, N)
+    out = _unpack_heads(qkv, mask, num_heads, bias, log_size)
+    return _heads_view(out, B, N, num_heads), bias.transpose(0, 1)
+
+
+def _unpack_heads(qkv: Tensor, mask: Tensor, num_heads: int, bias: Optional[Tensor], log_size: Optional[Tensor]
+                  ) -> Tensor:
+    """The C kernel's heads-major copy (3 * h, B * N, head_dim) of contiguous packed qkv, and the key bias into
+    `bias` (bias_heads, B, 1, N) where given. One pass of head-wide copies and zero fills, images split over torch's
+    thread count (2 threads, alone: the demo's (64, 40) blocks 0.62 -> 0.17 ms, deit_tiny's (32, 150) 1.08 -> 0.47
+    ms, on one kernel thread)."""
+    B, N = mask.shape
+    G = 3 * num_heads
+    out, mask = qkv.new_empty(G, B * N, qkv.shape[1] // G), mask.contiguous()  # held: the kernel reads it
+    if log_size is not None:
+        log_size = log_size.contiguous()
+    _kernels.unpack_heads(qkv.data_ptr(), mask.data_ptr(), B, N, G, out.shape[2], out.data_ptr(),
+                          torch.get_num_threads(), 0 if bias is None else bias.data_ptr(),
+                          0 if log_size is None else log_size.data_ptr(), 0 if bias is None else bias.shape[0])
+    return out
+
+
+def _heads_view(out: Tensor, B: int, N: int, num_heads: int) -> Tensor:
+    """(3 * h, B * N, head_dim) heads-major memory as the (B, N, 3, h, head_dim) that `attention_core` takes."""
+    return out.view(3, num_heads, B, N, out.shape[-1]).permute(2, 3, 0, 1, 4)
+
+
+def pack_heads(o: Tensor, mask: Tensor, rows: Optional[Tensor] = None, tokens: Optional[int] = None) -> Tensor:
     """Attention's output per head (B, h, N, head_dim) -> the real tokens' rows (T, h * head_dim), heads
     concatenated as timm's attention does (`pack` of the (B, N, attn_dim) transpose). From `unpack_qkv`'s heads-major
     layout the C kernel copies each real token's head slices straight into its row, images split over torch's
-    thread count, where the transpose's copy and pack's index_select took two passes."""
+    thread count, where the transpose's copy and pack's index_select took two passes. `tokens`: T where the caller
+    knows it (the kernel needs no `rows`)."""
     B, h, N, hd = o.shape
     if kernel_ready(o) and heads_major(o) and o.transpose(0, 1).is_contiguous():
-        rows = real_rows(mask) if rows is None else rows
-        out, mask = o.new_empty(rows.shape[0], h * hd), mask.contiguous()  # held: the kernel reads it
+        if tokens is None:
+            tokens = (real_rows(mask) if rows is None else rows).shape[0]
+        out, mask = o.new_empty(tokens, h * hd), mask.contiguous()  # held: the kernel reads it
         _kernels.pack_heads(out.data_ptr(), mask.data_ptr(), B, N, h, hd, o.data_ptr(), torch.get_num_threads())
         return out
     return pack(o.transpose(1, 2).reshape(B, N, h * hd), mask, rows)

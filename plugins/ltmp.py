@@ -53,6 +53,7 @@ from ltmpctl.tokens import (
     split_ab,
     threshold_mask,
     unpack,
+    unpack_attention,
     unpack_qkv,
 )
 
@@ -124,23 +125,30 @@ class LTMPBlock(TokenBlock):
         """
         if x.dim() == 3 and mask is None:  # the first block, before any reduction: every token is real
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        rows = real_rows(mask)  # (T,)
-        if x.dim() == 3:  # the first block: tokens arrive padded (or all real, and packing them is a view)
+            x, size = x.flatten(0, 1), size.flatten(0, 1)  # packing all-real tokens: a view
+        elif x.dim() == 3:  # a padded batch handed in
+            rows = real_rows(mask)
             x, size = pack(x, mask, rows), pack(size, mask, rows)
         # No padding (e.g. the first block): attention needs no key mask, so no bias of zeros to add either.
-        key_mask = None if rows.shape[0] == mask.numel() else mask
+        key_mask = None if x.shape[0] == mask.numel() else mask
         h = self.norm1(x)
-        qkv = unpack_qkv(self.attn.qkv(h), mask, self.attn.num_heads, rows)  # heads-major: no copies in attention
-        # With the kernel, attention hands its probabilities and keys over raw (`merge_prune_raw_packed`).
-        a = attention_core(self.attn, qkv, unpack(size, mask, rows), key_mask, self.num_prefix,
-                           self.importance_mode, self.need_metric, self.size_bias, raw=kernel_ready(x))
-        out = pack_heads(a.out, mask, rows) if a.probs is not None else pack(a.out, mask, rows)
-        x = x + self.drop_path1(self.ls1(attention_proj(self.attn, out, h)))
-        if a.probs is not None:  # attention's raw statistics: the kernel reduces them image by image, on threads
+        if kernel_ready(x):
+            # The key bias comes out of the padded layout's C pass, from the packed sizes (`unpack_attention`), and
+            # attention hands its probabilities and keys over raw for the kernel step (`merge_prune_raw_packed`).
+            log_size = (size - 1.0).log1p() if self.size_bias else None  # `key_bias`'s eager form
+            qkv, bias = unpack_attention(self.attn.qkv(h), mask, self.attn.num_heads, log_size)
+            a = attention_core(self.attn, qkv, None, key_mask, self.num_prefix, self.importance_mode,
+                               self.need_metric, self.size_bias, raw=True, bias=bias)
+            x = x + self.drop_path1(self.ls1(attention_proj(self.attn, pack_heads(a.out, mask, tokens=x.shape[0]), h)))
             # A floor of prefix + 2 positions, so that the next block's A/B split has a token on each side.
             x, size, mask = merge_prune_raw_packed(x, size, self.num_prefix, *self._threshold_values(), a.probs,
                                                    a.keys, mask, self.num_prefix + 2, torch.get_num_threads())
         else:
+            rows = real_rows(mask)
+            qkv = unpack_qkv(self.attn.qkv(h), mask, self.attn.num_heads, rows)  # heads-major: no copies in attention
+            a = attention_core(self.attn, qkv, unpack(size, mask, rows), key_mask, self.num_prefix,
+                               self.importance_mode, self.need_metric, self.size_bias)
+            x = x + self.drop_path1(self.ls1(attention_proj(self.attn, pack(a.out, mask, rows), h)))
             with serial(x, reduce_ops=True):
                 x, size, mask = self._reduce_packed(x, size, mask, a)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

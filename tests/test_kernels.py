@@ -308,6 +308,30 @@ def test_unpack_qkv_kernel_lays_out_heads_as_torch(counts, monkeypatch):
     assert used == (3 if B > 5 else 1) and torch.equal(out.view(3, h, B, N, hd).permute(2, 3, 0, 1, 4), got)
 
 
+@pytest.mark.parametrize("counts", [[5, 2, 7], [7, 7, 7], [4], [64, 3, 50, 64, 17, 1, 60] * 3])
+@pytest.mark.parametrize("sized", [True, False])
+def test_unpack_attention_makes_the_key_bias_with_the_layout(counts, sized, monkeypatch):
+    """`unpack_attention`'s padded qkv is `unpack_qkv`'s, and its key bias is bitwise `key_bias` of the padded sizes
+    (log size of a real key, 0 without proportional attention, -inf in padding) on every head, heads-major as q and
+    k lie, whatever the threads; none where there is neither padding nor proportional attention."""
+    B, N, (h, hd) = len(counts), max(counts), (2, 4) if len(counts) < 5 else (8, 256)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    mask = torch.arange(N) < torch.tensor(counts).unsqueeze(1)
+    g = torch.Generator().manual_seed(sum(counts))
+    qkv = torch.randn(sum(counts), 3 * h * hd, generator=g)
+    size = torch.randint(1, 9, (sum(counts), 1), generator=g).float()
+    got, bias = tokens.unpack_attention(qkv, mask, h, (size - 1.0).log1p() if sized else None)
+    layout = tokens.unpack_qkv(qkv, mask, h)
+    assert torch.equal(got, layout) and got.stride() == layout.stride()
+    padded = sum(counts) < B * N
+    want = tokens.key_bias(tokens.unpack(size, mask), mask if padded else None, sized, fast=True)  # (B, 1, 1, N)
+    if want is None:
+        assert bias is None and not padded and not sized
+        return
+    assert bias.shape == (B, h if B > 1 else 1, 1, N) and torch.equal(bias, want.expand_as(bias))
+    assert B == 1 or tokens.heads_major(bias) and bias.transpose(0, 1).is_contiguous()
+
+
 @pytest.mark.parametrize("counts", [[5, 2, 7], [7, 7, 7], [64, 3, 50, 64, 17, 1, 60] * 3])
 def test_pack_heads_takes_attention_output_back_to_packed_rows(counts, monkeypatch):
     """`pack_heads` of the heads-major layout `unpack_qkv` made gives back the packed rows it came from (here v's
