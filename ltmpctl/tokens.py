@@ -77,10 +77,11 @@ class serial:  # noqa: N801 (used as a function: `with serial(x):`)
     blocks of up to 85 tokens at batch 1, the demo's batches of up to 2), keeps clear of the break-even; before, only
     the compressors' own attention core and steps took it and timm's layers kept the caller's count (the demo's
     batch-1 forward then ran at the base's speed: its blocks' wake-ups do not shrink with the tokens).
-    Switching costs well under a microsecond (a class, not a generator context manager). The values are bitwise
-    those of the threaded run on deit_tiny, the demo and the test models (`tests/test_compressors.py`: products,
-    norms and softmax rows are computed whole by one thread either way). The count is process-wide: another Python
-    thread running torch ops meanwhile would run them on one thread too.
+    Switching costs well under a microsecond (a class, not a generator context manager). The values are the
+    threaded run's to rounding, and the tokens kept the same (`tests/test_compressors.py`): norms, softmax, attention
+    and the kernels give bitwise the same values on one thread, but MKL multiplies matrices of a dozen rows or fewer
+    in another order there (1e-5 to 4e-5 apart on unit-scale operands, as on timm's model run on one thread). The
+    count is process-wide: another Python thread running torch ops meanwhile would run them on one thread too.
 
     `reduce_ops`: the scope of a reduction step (`SERIAL_REDUCE_ELEMENTS`). Its ops are elementwise, indexing and
     (B, N/2, N/2) products, which a second thread speeds up only on much larger tensors than a block's layers: on a
