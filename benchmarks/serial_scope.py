@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 import ltmpctl  # noqa: E402
 import ltmpctl.tokens as tokens  # noqa: E402
-from ltmpctl.compressor import token_counts  # noqa: E402
 from ltmpctl.bench.local import bench_torch_models, set_threads  # noqa: E402
+from ltmpctl.compressor import token_counts  # noqa: E402
 
 from latency_vs_flops import MODELS, calibrated, model_args, setup_line  # noqa: E402
 

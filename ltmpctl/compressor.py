@@ -9,6 +9,7 @@ kernel call), which eager single-image forwards then take instead of `reduce`.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Union
 
@@ -183,8 +184,13 @@ class CompressedViT:
             return self.norm(x)
 
     def _stem_values(self, images: Tensor) -> int:
-        """How many values the tokens entering block 0 hold for these images (B, C, H, W): B x N x width."""
-        grid = self.patch_embed.dynamic_feat_size(images.shape[-2:])
+        """How many values the tokens entering block 0 hold for these images (B, C, H, W): B x N x width. An
+        embedding without timm's grid arithmetic (a custom `embed_layer`) counts as large: its stem keeps the caller's
+        threads."""
+        feat_size = getattr(self.patch_embed, "dynamic_feat_size", None)
+        if not callable(feat_size):
+            return sys.maxsize
+        grid = feat_size(images.shape[-2:])
         return images.shape[0] * (grid[0] * grid[1] + self.num_prefix_tokens) * self.embed_dim
 
 

@@ -197,6 +197,25 @@ def test_compressed_model_runs_small_blocks_on_one_thread(images):
     assert torch.get_num_threads() == threads
 
 
+def test_stem_of_an_embedding_without_grid_arithmetic_keeps_the_callers_threads(images):
+    """A custom patch embedding that lacks timm's `dynamic_feat_size`: the compressed model still runs (its blocks
+    take the scope by their own tokens) and its stem stays on the caller's threads, its token count unknown."""
+    from timm.layers import PatchEmbed
+
+    class Plain(PatchEmbed):
+        dynamic_feat_size = None
+
+    threads = torch.get_num_threads()
+    if threads == 1:
+        pytest.skip("needs more than one intra-op thread")
+    model = ltmpctl.apply(tiny_vit(embed_layer=Plain), "topk", keep_rate=0.5)
+    seen: list[int] = []
+    model.patch_embed.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    with torch.no_grad():
+        assert model(images[:1]).shape == (1, 10)
+    assert seen == [threads]
+
+
 @pytest.mark.parametrize("name,params", [("ltmp", dict(merge_threshold=0.5, prune_threshold=0.02)),
                                          ("tome", dict(r=8)), ("topk", dict(keep_rate=0.6))])
 def test_serial_scope_changes_no_decision(name, params, images, monkeypatch):
