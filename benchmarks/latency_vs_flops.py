@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import ltmpctl  # noqa: E402
 from ltmpctl.bench.local import (bench_onnx_files, bench_pte_files, bench_torch_models, compare_rows,  # noqa: E402
                                  random_batch, set_threads)
-from ltmpctl.compressor import token_counts  # noqa: E402
+from ltmpctl.compressor import stem_values, token_counts  # noqa: E402
 from ltmpctl.flops import batch_ratios  # noqa: E402
 from ltmpctl.tokens import serial  # noqa: E402
 
@@ -113,7 +113,7 @@ class Bound(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.base
-        with serial(x.shape[0] * self.schedule[0] * m.embed_dim):
+        with serial(stem_values(m, x)):
             x = m.norm_pre(m._pos_embed(m.patch_embed(x)))
         for blk, n in zip(m.blocks, self.schedule):
             x = x[:, :n]

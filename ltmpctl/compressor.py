@@ -147,7 +147,7 @@ def _count_table(alive: list[Union[int, Tensor]], batch: int, device: torch.devi
     if all(isinstance(a, int) for a in alive):
         return torch.tensor(alive, dtype=torch.float32, device=device).expand(batch, -1)
     return torch.stack([a if isinstance(a, Tensor) else torch.full((batch,), float(a), device=device)
-                        for a in alive], dim=1).float()  # bool masks count in integers; stack promotes them
+                        for a in alive], dim=1).float()  # a bool mask's counts are integers: float whatever the mix
 
 
 class CompressedViT:
@@ -159,7 +159,7 @@ class CompressedViT:
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ModelError("attention masks are not supported on a token-reduced model")
-        with serial(self._stem_values(x)):  # one thread where the tokens are few; see `ltmpctl.tokens.serial`
+        with serial(stem_values(self, x)):  # one thread where the tokens are few; see `ltmpctl.tokens.serial`
             x = self.patch_embed(x)
             x = self._pos_embed(x)
             x = self.patch_drop(x)
@@ -183,15 +183,16 @@ class CompressedViT:
         with serial(x):
             return self.norm(x)
 
-    def _stem_values(self, images: Tensor) -> int:
-        """How many values the tokens entering block 0 hold for these images (B, C, H, W): B x N x width. An
-        embedding without timm's grid arithmetic (a custom `embed_layer`) counts as large: its stem keeps the caller's
-        threads."""
-        feat_size = getattr(self.patch_embed, "dynamic_feat_size", None)
-        if not callable(feat_size):
-            return sys.maxsize
-        grid = feat_size(images.shape[-2:])
-        return images.shape[0] * (grid[0] * grid[1] + self.num_prefix_tokens) * self.embed_dim
+
+def stem_values(model: VisionTransformer, images: Tensor) -> int:
+    """How many values the tokens entering `model`'s first block hold for these images (B, C, H, W): B x N x width,
+    known before the patch embedding runs (the stem's thread choice, `ltmpctl.tokens.serial`). An embedding without
+    timm's grid arithmetic (a custom `embed_layer`) counts as large: its stem keeps the caller's threads."""
+    feat_size = getattr(model.patch_embed, "dynamic_feat_size", None)
+    if not callable(feat_size):
+        return sys.maxsize
+    grid = feat_size(images.shape[-2:])
+    return images.shape[0] * (grid[0] * grid[1] + model.num_prefix_tokens) * model.embed_dim
 
 
 @dataclass(frozen=True)

@@ -96,9 +96,8 @@ class serial:  # noqa: N801 (used as a function: `with serial(x):`)
         # eager() first: under export the sizes are symbolic, and comparing them would add a guard on the batch.
         n = torch.get_num_threads() if eager() else 1
         bound = SERIAL_REDUCE_ELEMENTS if reduce_ops else SERIAL_ELEMENTS
-        if n > 1:
-            n = 0 if (x if isinstance(x, int) else x.numel()) > bound else n
-        self._restore = 0 if n == 1 else n  # the caller's count, or 0: nothing to switch
+        # The caller's count, or 0: nothing to switch (the size is only compared once n says eager).
+        self._restore = n if n > 1 and (x if isinstance(x, int) else x.numel()) <= bound else 0
 
     def __enter__(self) -> None:
         if self._restore:
@@ -789,8 +788,8 @@ def unpack_qkv(qkv: Tensor, mask: Tensor, num_heads: int, rows: Optional[Tensor]
     4.1 ms a forward and P @ V from 16.3 to 12.5 ms)."""
     B, N = mask.shape
     T, width = qkv.shape
+    hd = width // (3 * num_heads)
     if T == B * N:  # nothing padded (e.g. the first block): the heads-major copy alone
-        hd = width // (3 * num_heads)
         out = qkv.view(T, 3 * num_heads, hd).transpose(0, 1).contiguous()
     elif kernel_ready(qkv) and qkv.is_contiguous():
         out = _unpack_heads(qkv, mask, num_heads, None, None)
@@ -798,9 +797,8 @@ def unpack_qkv(qkv: Tensor, mask: Tensor, num_heads: int, rows: Optional[Tensor]
         # Real rows copied in, then only the padding rows zeroed (they must be finite: a padding key's logit gets
         # -inf added, and a padding query's row weighs 0 in the importance); zeroing all of it first wrote the
         # whole buffer twice (deit_tiny at batch 32: 0.8 ms a block).
-        heads = qkv.view(T, 3 * num_heads, width // (3 * num_heads)).transpose(0, 1)
-        out = qkv.new_empty(heads.shape[0], B * N, heads.shape[2])
-        out.index_copy_(1, real_rows(mask) if rows is None else rows, heads)
+        out = qkv.new_empty(3 * num_heads, B * N, hd)
+        out.index_copy_(1, real_rows(mask) if rows is None else rows, qkv.view(T, 3 * num_heads, hd).transpose(0, 1))
         out.index_fill_(1, real_rows(~mask), 0.0)
     return _heads_view(out, B, N, num_heads)
 
